@@ -1,0 +1,1 @@
+//! crudgate: the write path of PowerSync apps.
