@@ -18,8 +18,8 @@
 //!
 //! PostgreSQL refuses to run as root. When the effective uid is 0, the cluster
 //! directory is handed to the `postgres` system user (or `nobody` if there is no
-//! such user) and `initdb`/`pg_ctl` run as that user. The temporary directory
-//! (`$TMPDIR`, usually `/tmp`) must then be reachable by that user.
+//! such user) and `initdb`/`pg_ctl` run as that user. The cluster then lives
+//! under `$TMPDIR` only if every user can enter it, and under `/tmp` otherwise.
 //!
 //! # Leftovers
 //!
@@ -181,7 +181,8 @@ impl Cluster {
         self.url_for("postgres")
     }
 
-    /// The URL of database `database` (which the caller creates) as user `postgres`.
+    /// The URL of database `database` (which the caller creates) as user `postgres`;
+    /// `database` goes into the URL as is, so keep it to plain identifiers.
     pub fn url_for(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
@@ -196,7 +197,7 @@ impl Cluster {
         &self.data_dir
     }
 
-    /// The server log (warnings and errors only).
+    /// The server log: warnings, errors and the server's LOG lines (startup, shutdown).
     pub fn log_file(&self) -> &Path {
         &self.log_file
     }
@@ -559,10 +560,15 @@ fn chown(path: &Path, owner: Owner) -> Result<(), Error> {
         .map_err(io_err(format!("chown {}", path.display())))
 }
 
-/// Creates `$TMPDIR/crudgate-pgtemp-<pid>-<n>-<nanos>` (mode 0700), owned by `owner` if given.
+/// Creates `$TMPDIR/crudgate-pgtemp-<pid>-<n>-<nanos>` (mode 0700), owned by
+/// `owner` if given (then in `/tmp` if `owner` could not reach `$TMPDIR`).
 fn make_root_dir(owner: Option<Owner>) -> Result<PathBuf, Error> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let tmp = std::env::temp_dir();
+    let mut tmp = std::env::temp_dir();
+    // A root-only $TMPDIR (say under /root) is out of the server user's reach.
+    if owner.is_some() && !world_traversable(&tmp) {
+        tmp = PathBuf::from("/tmp");
+    }
     loop {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -588,6 +594,12 @@ fn make_root_dir(owner: Option<Owner>) -> Result<PathBuf, Error> {
             Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
         }
     }
+}
+
+/// Whether every directory from `/` down to `dir` can be entered by anybody.
+fn world_traversable(dir: &Path) -> bool {
+    dir.ancestors()
+        .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
 /// A port that was free a moment ago (bind 127.0.0.1:0 and let go).
