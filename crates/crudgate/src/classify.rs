@@ -44,12 +44,19 @@ pub fn classify(sqlstate: &str) -> Disposition {
     }
 }
 
-/// The disposition of any error from the driver: errors without a SQLSTATE are lost or
-/// refused connections.
+/// The disposition of any error from the driver. Without a SQLSTATE, a lost or refused
+/// connection means the database is unavailable; anything else (a driver-side encoding
+/// problem) is our fault, never the client's, so it is temporary.
 pub fn classify_error(e: &tokio_postgres::Error) -> Disposition {
-    match e.as_db_error() {
-        Some(db) => classify(db.code().code()),
-        None => Disposition::Unavailable,
+    if let Some(db) = e.as_db_error() {
+        return classify(db.code().code());
+    }
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        Disposition::Unavailable
+    } else {
+        tracing::error!(error = %e, "driver error");
+        Disposition::Temporary
     }
 }
 
@@ -60,7 +67,10 @@ mod tests {
     #[test]
     fn unknown_sqlstates_reject_rather_than_block_the_queue() {
         assert_eq!(classify("P0001"), Disposition::Reject("UNCLASSIFIED_ERROR"));
-        assert_eq!(classify("23P01"), Disposition::Reject("CONSTRAINT_VIOLATION"));
+        assert_eq!(
+            classify("23P01"),
+            Disposition::Reject("CONSTRAINT_VIOLATION")
+        );
         assert_eq!(classify("08006"), Disposition::Unavailable);
     }
 }

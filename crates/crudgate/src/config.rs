@@ -75,6 +75,18 @@ pub struct EngineConfig {
     pub connect_timeout_ms: u64,
     /// Server-side statement timeout for write transactions, in milliseconds (0 = none).
     pub statement_timeout_ms: u64,
+    /// Schema crudgate owns for its exactly-once ledger and migrations (created if missing).
+    pub ledger_schema: String,
+    /// How long decided transactions are remembered for deduplication.
+    pub ledger_retention_hours: u64,
+    /// Where rejected ("dead letter") transactions are written: schema and table. Put it in
+    /// the PowerSync publication to sync each user their own rejections.
+    pub rejections_schema: String,
+    pub rejections_table: String,
+    /// Error codes whose rejections the client must handle: answered with
+    /// `requires_client_handling: true` (the client keeps the transaction queued), not written
+    /// to the rejections table, and the batch stops there.
+    pub client_handled_codes: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +105,11 @@ impl Default for EngineConfig {
             pool_size: 16,
             connect_timeout_ms: 5000,
             statement_timeout_ms: 30_000,
+            ledger_schema: "crudgate".into(),
+            ledger_retention_hours: 24 * 7,
+            rejections_schema: "crudgate".into(),
+            rejections_table: "rejections".into(),
+            client_handled_codes: Vec::new(),
         }
     }
 }

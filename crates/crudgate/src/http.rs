@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/data", post(upload))
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -76,6 +77,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.engine.metrics().render(),
+    )
+        .into_response()
+}
+
 async fn ready(State(state): State<AppState>) -> Response {
     if state.engine.ready().await {
         Json(json!({ "status": "ready" })).into_response()
@@ -101,12 +110,14 @@ async fn upload(State(state): State<AppState>, req: Request) -> Result<Response,
         client_id,
     };
     let ops: usize = batch.transactions.iter().map(|t| t.crud.len()).sum();
+    let transactions = batch.transactions.len();
+    let client_id = ctx.client_id.clone().unwrap_or_default();
     let started = std::time::Instant::now();
-    let outcome = state.engine.apply(&ctx, &batch).await;
+    let outcome = state.engine.apply(ctx, batch).await;
     tracing::debug!(
-        transactions = batch.transactions.len(),
+        transactions,
         ops,
-        client_id = ctx.client_id.as_deref().unwrap_or(""),
+        client_id,
         elapsed_us = started.elapsed().as_micros() as u64,
         "batch applied"
     );
@@ -131,9 +142,7 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok());
     state.auth.authenticate(header).await.map_err(|e| match e {
         AuthError::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
-        AuthError::Unavailable(m) => {
-            ApiError::unavailable(m, state.engine.config().retry_after_ms)
-        }
+        AuthError::Unavailable(m) => ApiError::unavailable(m, state.engine.config().retry_after_ms),
     })
 }
 

@@ -19,6 +19,8 @@ mod coerce;
 pub mod config;
 mod execute;
 mod http;
+mod ledger;
+mod metrics;
 mod plan;
 pub mod protocol;
 pub mod schema;
@@ -27,6 +29,7 @@ pub use classify::{classify, Disposition};
 pub use config::EngineConfig;
 pub use execute::{Engine, Outcome, StartError};
 pub use http::{router, AppState};
+pub use metrics::Metrics;
 pub use plan::{Context, Rejection, WriteHook};
 
 /// The PowerSync to-do demo schema used by the zero-configuration run and the examples.

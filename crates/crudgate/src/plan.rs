@@ -194,11 +194,28 @@ pub(crate) struct OpRef {
     pub op: usize,
 }
 
-/// One SQL statement over one or more rows, with its text-array parameters.
+/// A statement parameter: values travel as text (and text arrays) and are cast in SQL.
+#[derive(Debug, Clone)]
+pub(crate) enum Param {
+    Text(Option<String>),
+    Texts(Vec<Option<String>>),
+}
+
+impl Param {
+    pub fn as_sql(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Param::Text(t) => t,
+            Param::Texts(t) => t,
+        }
+    }
+}
+
+/// One SQL statement over one or more rows, with its parameters.
 #[derive(Debug)]
 pub(crate) struct Stmt {
     pub sql: String,
-    pub params: Vec<Vec<Option<String>>>,
+    pub params: Vec<Param>,
+    /// The operations it applies; empty for crudgate's own bookkeeping (ledger, rejections).
     pub ops: Vec<OpRef>,
     /// Rows the statement must touch (PATCH when a missing row is rejected).
     pub expect_rows: Option<u64>,
@@ -234,7 +251,9 @@ pub(crate) fn bulk<'a>(
         }
     };
     for (at, op) in ops {
-        if op.kind == OpKind::Patch && op.cols.is_empty() && cfg.patch_missing == PatchMissing::Ignore
+        if op.kind == OpKind::Patch
+            && op.cols.is_empty()
+            && cfg.patch_missing == PatchMissing::Ignore
         {
             continue;
         }
@@ -267,10 +286,14 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Option<Stmt> {
     let t = &first.table;
     let pk = t.pk_column();
     let n = group.len();
-    let mut params: Vec<Vec<Option<String>>> = Vec::with_capacity(first.cols.len() + 1);
-    params.push(group.iter().map(|(_, o)| Some(o.key.clone())).collect());
+    let mut params: Vec<Param> = Vec::with_capacity(first.cols.len() + 1);
+    params.push(Param::Texts(
+        group.iter().map(|(_, o)| Some(o.key.clone())).collect(),
+    ));
     for c in 0..first.cols.len() {
-        params.push(group.iter().map(|(_, o)| o.vals[c].clone()).collect());
+        params.push(Param::Texts(
+            group.iter().map(|(_, o)| o.vals[c].clone()).collect(),
+        ));
     }
     let mut sql = String::new();
     let mut expect_rows = None;
@@ -303,7 +326,11 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Option<Stmt> {
                 sql.push_str("update set ");
                 for (i, &c) in first.cols.iter().enumerate() {
                     let col = &t.columns[c].ident;
-                    let _ = write!(sql, "{}{col} = excluded.{col}", if i > 0 { ", " } else { "" });
+                    let _ = write!(
+                        sql,
+                        "{}{col} = excluded.{col}",
+                        if i > 0 { ", " } else { "" }
+                    );
                 }
             }
         }

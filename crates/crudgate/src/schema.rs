@@ -6,11 +6,15 @@ use std::sync::Arc;
 
 use tokio_postgres::GenericClient;
 
+use crate::config::EngineConfig;
+
 /// How values for a column are checked and normalised before they reach Postgres.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
     Bool,
-    Int { bits: u8 },
+    Int {
+        bits: u8,
+    },
     Numeric,
     Float,
     Text,
@@ -92,8 +96,18 @@ impl Catalog {
     /// Reads the tables of `schemas` (earlier schemas win when a name repeats).
     pub async fn load(
         client: &impl GenericClient,
-        schemas: &[String],
+        cfg: &EngineConfig,
     ) -> Result<Catalog, tokio_postgres::Error> {
+        let schemas = &cfg.schemas;
+        // crudgate's own tables are never client-writable, wherever they are configured to live.
+        let own = [
+            (
+                cfg.rejections_schema.as_str(),
+                cfg.rejections_table.as_str(),
+            ),
+            (cfg.ledger_schema.as_str(), "ledger"),
+            (cfg.ledger_schema.as_str(), "migrations"),
+        ];
         let enum_rows = client
             .query(
                 "select enumtypid, array_agg(enumlabel::text order by enumsortorder)
@@ -106,9 +120,7 @@ impl Catalog {
             .map(|r| (r.get::<_, u32>(0), r.get::<_, Vec<String>>(1).into()))
             .collect();
 
-        let rows = client
-            .query(CATALOG_SQL, &[&schemas])
-            .await?;
+        let rows = client.query(CATALOG_SQL, &[&schemas]).await?;
         let mut per_table: Vec<((String, String), TableRow, Vec<Column>)> = Vec::new();
         for r in &rows {
             let schema: String = r.get("nspname");
@@ -130,7 +142,12 @@ impl Catalog {
             let elem_is_enum: bool = r.get("elem_is_enum");
             let base_name: String = r.get("base_name");
             let kind = if elem_oid != 0 {
-                Kind::Array(Box::new(kind_of(elem_oid, elem_is_enum, &r.get::<_, String>("elem_name"), &enums)))
+                Kind::Array(Box::new(kind_of(
+                    elem_oid,
+                    elem_is_enum,
+                    &r.get::<_, String>("elem_name"),
+                    &enums,
+                )))
             } else {
                 kind_of(base_oid, base_is_enum, &base_name, &enums)
             };
@@ -150,7 +167,10 @@ impl Catalog {
         // Rows come ordered by the position of their schema in `schemas`, so the first table
         // seen under a name is the one that wins.
         for ((schema, name), meta, columns) in per_table {
-            if catalog.tables.contains_key(&name) || catalog.unwritable.contains_key(&name) {
+            if catalog.tables.contains_key(&name)
+                || catalog.unwritable.contains_key(&name)
+                || own.contains(&(schema.as_str(), name.as_str()))
+            {
                 continue;
             }
             let pk = match meta.pk.as_deref() {
@@ -158,7 +178,9 @@ impl Catalog {
                 _ => None,
             };
             let Some(pk) = pk else {
-                catalog.unwritable.insert(name, Unwritable::NoSingleColumnKey);
+                catalog
+                    .unwritable
+                    .insert(name, Unwritable::NoSingleColumnKey);
                 continue;
             };
             let by_name = columns
