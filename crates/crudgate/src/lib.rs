@@ -1,1 +1,2 @@
 //! crudgate: the write path of PowerSync apps.
+pub mod auth;
