@@ -5,9 +5,13 @@
 //!   it; the first token we see with that kid must trigger a refetch, or users are locked out
 //!   until a periodic refresh.
 //! - Anyone can send a token with a random kid. Without a limit each such request would make
-//!   us hit the identity provider, so refetches (of any cause) are at most one per
+//!   us hit the identity provider, so unknown-kid refetches are at most one per
 //!   `jwks_min_refetch_secs`, and concurrent requests share one fetch (a mutex, plus a
-//!   generation counter so a waiter sees that someone else already fetched).
+//!   generation counter so a waiter sees that someone else already fetched). The limit is
+//!   kept apart from the initial load and the periodic refresh, so a key rotated just after
+//!   a load is still picked up at once; every kind of fetch also waits
+//!   `jwks_min_refetch_secs` after a *failed* attempt, so a down endpoint is not hammered.
+//!   Fetches are thus bounded at about two per interval whatever clients send.
 //! - An unreachable endpoint is *our* problem, not the client's: with no usable cached key the
 //!   caller answers 503 (retry later), never 401 (which would make an app sign its user out).
 //!   Keys fetched earlier stay in use while the endpoint is down.
@@ -41,8 +45,33 @@ pub(crate) struct RemoteJwks {
     min_refetch: Duration,
     cache_for: Duration,
     current: RwLock<Snapshot>,
-    /// Serialises fetches; holds the time of the last attempt for the rate limit.
-    fetching: tokio::sync::Mutex<Option<Instant>>,
+    /// Serialises fetches; holds what the rate limits need.
+    fetching: tokio::sync::Mutex<Limits>,
+}
+
+/// Why a fetch is wanted; each has its own rate rule (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    InitialLoad,
+    UnknownKid,
+    CacheExpired,
+}
+
+impl Reason {
+    fn name(self) -> &'static str {
+        match self {
+            Reason::InitialLoad => "initial load",
+            Reason::UnknownKid => "unknown kid",
+            Reason::CacheExpired => "cache expired",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Limits {
+    last_attempt: Option<Instant>,
+    last_failed: bool,
+    last_unknown_kid: Option<Instant>,
 }
 
 impl RemoteJwks {
@@ -68,7 +97,7 @@ impl RemoteJwks {
                 generation: 0,
                 last_error: None,
             }),
-            fetching: tokio::sync::Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(Limits::default()),
         })
     }
 
@@ -87,32 +116,45 @@ impl RemoteJwks {
             .is_some_and(|at| at.elapsed() >= self.cache_for)
     }
 
-    /// Fetches the key set again unless the rate limit forbids it, or another task fetched
+    /// Fetches the key set again unless a rate limit forbids it, or another task fetched
     /// after `seen_generation` (then its result is used). Returns the resulting snapshot;
     /// check `last_error` for the outcome.
-    pub(crate) async fn refresh(&self, seen_generation: u64, why: &'static str) -> Snapshot {
-        let mut last_attempt = self.fetching.lock().await;
+    pub(crate) async fn refresh(&self, seen_generation: u64, why: Reason) -> Snapshot {
+        let mut limits = self.fetching.lock().await;
         let snap = self.snapshot();
         if snap.generation != seen_generation {
             return snap;
         }
-        if last_attempt.is_some_and(|at| at.elapsed() < self.min_refetch) {
-            tracing::debug!(why, "JWKS refetch skipped: rate limited");
+        let recent = |at: Option<Instant>| at.is_some_and(|t| t.elapsed() < self.min_refetch);
+        let limited = match why {
+            Reason::UnknownKid => {
+                recent(limits.last_unknown_kid)
+                    || (limits.last_failed && recent(limits.last_attempt))
+            }
+            Reason::InitialLoad | Reason::CacheExpired => recent(limits.last_attempt),
+        };
+        if limited {
+            tracing::debug!(why = why.name(), "JWKS fetch skipped: rate limited");
             return snap;
         }
-        *last_attempt = Some(Instant::now());
+        let now = Instant::now();
+        limits.last_attempt = Some(now);
+        if why == Reason::UnknownKid {
+            limits.last_unknown_kid = Some(now);
+        }
         let result = self.fetch().await;
+        limits.last_failed = result.is_err();
         let mut next = snap;
         next.generation += 1;
         match result {
             Ok(keys) => {
-                tracing::info!(why, keys = keys.len(), "JWKS fetched");
+                tracing::info!(why = why.name(), keys = keys.len(), "JWKS fetched");
                 next.keys = Arc::new(keys);
                 next.fetched_at = Some(Instant::now());
                 next.last_error = None;
             }
             Err(reason) => {
-                tracing::warn!(why, %reason, cached_keys = next.keys.len(), "JWKS fetch failed");
+                tracing::warn!(why = why.name(), %reason, cached_keys = next.keys.len(), "JWKS fetch failed");
                 next.last_error = Some(reason);
             }
         }
@@ -123,6 +165,19 @@ impl RemoteJwks {
         next
     }
 
+    /// Records that a fetch just made for a request (the initial load) has already answered
+    /// that request's unknown kid, so it uses up the unknown-kid refetch budget: a burst of
+    /// random kids against a fresh server then costs one fetch, not two.
+    pub(crate) async fn note_unknown_kid_answered(&self) {
+        let mut limits = self.fetching.lock().await;
+        if limits
+            .last_unknown_kid
+            .is_none_or(|t| t.elapsed() >= self.min_refetch)
+        {
+            limits.last_unknown_kid = Some(Instant::now());
+        }
+    }
+
     /// Starts a background refresh of stale keys. Skipped if a fetch is already running.
     pub(crate) fn refresh_in_background(self: &Arc<Self>, seen_generation: u64) {
         if self.fetching.try_lock().is_err() {
@@ -130,7 +185,7 @@ impl RemoteJwks {
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            this.refresh(seen_generation, "cache expired").await;
+            this.refresh(seen_generation, Reason::CacheExpired).await;
         });
     }
 

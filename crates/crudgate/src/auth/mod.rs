@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
-use jwks::RemoteJwks;
+use jwks::{Reason, RemoteJwks};
 use keys::{JwkOrigin, Key};
 use token::ClaimRules;
 
@@ -318,11 +318,12 @@ impl Authenticator {
         let kid = parsed.kid.as_deref();
 
         let mut snap = None;
+        // Whether this request already caused (or waited for) a fetch.
         let mut refreshed = false;
         if let Some(remote) = &inner.remote {
             let mut s = remote.snapshot();
             if s.fetched_at.is_none() {
-                s = remote.refresh(s.generation, "initial load").await;
+                s = remote.refresh(s.generation, Reason::InitialLoad).await;
                 refreshed = true;
             } else if remote.is_stale(&s) {
                 remote.refresh_in_background(s.generation);
@@ -361,8 +362,9 @@ impl Authenticator {
             // No key for this token: the key set may have rotated. Refetch once (rate-limited).
             match (&inner.remote, snap.as_ref()) {
                 (Some(remote), Some(s)) if !refreshed => {
-                    snap = Some(remote.refresh(s.generation, "unknown kid").await);
+                    snap = Some(remote.refresh(s.generation, Reason::UnknownKid).await);
                     refreshed = true;
+                    continue;
                 }
                 (_, Some(s)) if s.last_error.is_some() => {
                     // We could not ask the key source; the token may be fine.
@@ -373,6 +375,9 @@ impl Authenticator {
                     )));
                 }
                 _ => {
+                    if let (Some(remote), true) = (&inner.remote, refreshed) {
+                        remote.note_unknown_kid_answered().await;
+                    }
                     tracing::info!(kid, alg = parsed.alg.name(), "unknown key id");
                     return Err(unauthorized(if kid.is_some() {
                         "unknown key id (kid)"
