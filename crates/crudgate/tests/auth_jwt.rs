@@ -1137,6 +1137,36 @@ async fn inline_jwks_and_pem_keys_from_the_config_verify_tokens() {
 }
 
 #[tokio::test]
+async fn a_key_configured_without_kid_serves_tokens_with_any_kid_after_a_refetch() {
+    let wildcard = TestKey::ed25519();
+    let published = TestKey::p256();
+    let server = JwksServer::start(vec![published.jwk("ec-1")]).await;
+    let cfg = AuthConfig {
+        public_keys: vec![PemKey {
+            kid: None,
+            pem: wildcard.public_pem(),
+        }],
+        ..config_for_url(&server.url)
+    };
+    let auth = Authenticator::new(&cfg).expect("config");
+    auth.authenticate(Some(&bearer(&published.token(Some("ec-1"), &claims()))))
+        .await
+        .expect("published key");
+    let token = wildcard.token(Some("some-kid"), &claims());
+    auth.authenticate(Some(&bearer(&token)))
+        .await
+        .expect("wildcard key");
+    assert_eq!(server.hits(), 2, "the unknown kid was looked up first");
+    // A kid that matches a key pins that key: the wildcard is not tried.
+    let token = wildcard.token(Some("ec-1"), &claims());
+    assert_unauthorized(
+        auth.authenticate(Some(&bearer(&token))).await,
+        &token,
+        "not allowed",
+    );
+}
+
+#[tokio::test]
 async fn invalid_configurations_are_refused() {
     let ok_url = Some("http://127.0.0.1:9/jwks.json".to_string());
     let cases = [

@@ -10,9 +10,11 @@
 //! - **Algorithms** RS256/384/512, ES256/384/512, EdDSA (Ed25519), and HS256 only with a
 //!   configured symmetric key. The algorithm is decided by the *key* (see [`keys`]): `alg:
 //!   none` and an HS256 token "signed" with an RSA/EC/OKP public key are refused.
-//! - **Key choice**: a token with a `kid` is checked only against keys with that `kid`. A token
-//!   without one is checked against the keys without a `kid`, or against the only key when
-//!   exactly one is configured/published.
+//! - **Key choice** (as PowerSync's key store): a key whose `kid` equals the token's is *the*
+//!   key, and no other is tried. Otherwise the "wildcard" keys (configured without a `kid`)
+//!   are tried, for tokens with or without a `kid`. A token without a `kid` may also use the
+//!   only key when exactly one is configured/published. A token with an unknown `kid` first
+//!   triggers a JWKS refetch (rotation), and only then falls back to wildcard keys.
 //! - **Claims**: `sub` (non-empty string), `iat`, `exp`, `aud` required; `aud` (string or
 //!   array) must contain a configured audience; `exp - iat` at most `max_lifetime_secs`;
 //!   `leeway_secs` of clock skew on `exp`, `nbf` and `iat`; `iss` only when configured
@@ -23,10 +25,12 @@
 //! Messages say which check failed and never contain the token or claim values. Logs carry
 //! only `kid`, `alg` and the reason.
 //!
-//! Crates: `jsonwebtoken` (v9 and v10) has no ES512, and its key/algorithm coupling is looser
-//! than we want, so verification uses the RustCrypto primitives directly (`rsa`, `p256`,
-//! `p384`, `p521`, `ed25519-dalek`, `hmac`, `sha2`); the JWS framing is ~100 lines in
-//! [`token`]. `reqwest` (rustls, no default features) fetches the JWKS.
+//! Crates: `jsonwebtoken` (v9 and v10) has no ES512 (its `Algorithm` stops at ES384), so it
+//! would need a second, hand-written path for P-521 anyway, and its claim validation does not
+//! cover the lifetime rule. Verification therefore uses the RustCrypto primitives directly
+//! (`rsa`, `p256`, `p384`, `p521`, `ed25519-dalek`, `hmac`, `sha2`) behind one key type whose
+//! algorithm rules are explicit ([`keys`]); the JWS compact framing is small ([`token`]).
+//! `reqwest` (rustls, no default features) fetches the JWKS.
 
 mod jwks;
 mod keys;
@@ -333,7 +337,10 @@ impl Authenticator {
 
         loop {
             let remote_keys: &[Key] = snap.as_ref().map_or(&[], |s| s.keys.as_slice());
-            let candidates = select_keys(&inner.static_keys, remote_keys, kid);
+            // Wildcard fallback for a kid'd token only once the JWKS had its chance to show
+            // the kid, so a rotated key is found even when wildcard keys are configured.
+            let wildcards_ok = inner.remote.is_none() || refreshed;
+            let candidates = select_keys(&inner.static_keys, remote_keys, kid, wildcards_ok);
             if !candidates.is_empty() {
                 let usable: Vec<&Key> = candidates
                     .into_iter()
@@ -406,14 +413,28 @@ impl Authenticator {
     }
 }
 
-/// The keys a token may be checked against: those with its `kid`; for a token without a kid,
-/// those without one, or the only key when there is exactly one.
-fn select_keys<'k>(static_keys: &'k [Key], remote: &'k [Key], kid: Option<&str>) -> Vec<&'k Key> {
-    let all = static_keys.iter().chain(remote.iter());
+/// The keys a token may be checked against: those with its `kid`; failing that (and when
+/// `wildcards_ok`), the keys without a kid. For a token without a kid: the keys without a kid,
+/// or the only key when there is exactly one.
+fn select_keys<'k>(
+    static_keys: &'k [Key],
+    remote: &'k [Key],
+    kid: Option<&str>,
+    wildcards_ok: bool,
+) -> Vec<&'k Key> {
+    let all = || static_keys.iter().chain(remote.iter());
+    let wildcards = || all().filter(|k| k.kid().is_none()).collect::<Vec<_>>();
     match kid {
-        Some(kid) => all.filter(|k| k.kid() == Some(kid)).collect(),
-        None if static_keys.len() + remote.len() == 1 => all.collect(),
-        None => all.filter(|k| k.kid().is_none()).collect(),
+        Some(kid) => {
+            let exact: Vec<&Key> = all().filter(|k| k.kid() == Some(kid)).collect();
+            if exact.is_empty() && wildcards_ok {
+                wildcards()
+            } else {
+                exact
+            }
+        }
+        None if static_keys.len() + remote.len() == 1 => all().collect(),
+        None => wildcards(),
     }
 }
 
