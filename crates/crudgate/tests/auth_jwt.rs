@@ -1167,6 +1167,41 @@ async fn a_key_configured_without_kid_serves_tokens_with_any_kid_after_a_refetch
 }
 
 #[tokio::test]
+async fn an_hs256_key_in_the_inline_jwks_verifies_tokens_with_its_kid() {
+    let secret = [9u8; 48];
+    let cfg = AuthConfig {
+        audiences: vec![AUD.into()],
+        jwks: Some(
+            json!({"keys": [{"kty": "oct", "alg": "HS256", "kid": "dev", "k": b64(&secret)}]})
+                .to_string(),
+        ),
+        ..AuthConfig::default()
+    };
+    let auth = Authenticator::new(&cfg).expect("config");
+    let token = hs256_token(&secret, Some("dev"), &claims());
+    auth.authenticate(Some(&bearer(&token)))
+        .await
+        .expect("hs256 via jwks");
+}
+
+#[tokio::test]
+async fn a_symmetric_key_published_at_the_jwks_url_is_ignored() {
+    let secret = [9u8; 48];
+    let ec = TestKey::p256();
+    let oct = json!({"kty": "oct", "alg": "HS256", "kid": "leaked", "k": b64(&secret)});
+    let (_server, auth) = setup(vec![oct, ec.jwk("ec-1")]).await;
+    auth.authenticate(Some(&bearer(&ec.token(Some("ec-1"), &claims()))))
+        .await
+        .expect("the EC key still works");
+    let token = hs256_token(&secret, Some("leaked"), &claims());
+    assert_unauthorized(
+        auth.authenticate(Some(&bearer(&token))).await,
+        &token,
+        "unknown key id",
+    );
+}
+
+#[tokio::test]
 async fn invalid_configurations_are_refused() {
     let ok_url = Some("http://127.0.0.1:9/jwks.json".to_string());
     let cases = [

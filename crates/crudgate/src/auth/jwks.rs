@@ -168,8 +168,12 @@ impl RemoteJwks {
     /// Records that a fetch just made for a request (the initial load) has already answered
     /// that request's unknown kid, so it uses up the unknown-kid refetch budget: a burst of
     /// random kids against a fresh server then costs one fetch, not two.
-    pub(crate) async fn note_unknown_kid_answered(&self) {
-        let mut limits = self.fetching.lock().await;
+    /// If a fetch is running right now, nothing is noted (that fetch will answer the next
+    /// request), so a rejection never waits on the network.
+    pub(crate) fn note_unknown_kid_answered(&self) {
+        let Ok(mut limits) = self.fetching.try_lock() else {
+            return;
+        };
         if limits
             .last_unknown_kid
             .is_none_or(|t| t.elapsed() >= self.min_refetch)

@@ -383,7 +383,7 @@ impl Authenticator {
                 }
                 _ => {
                     if let (Some(remote), true) = (&inner.remote, refreshed) {
-                        remote.note_unknown_kid_answered().await;
+                        remote.note_unknown_kid_answered();
                     }
                     tracing::info!(kid, alg = parsed.alg.name(), "unknown key id");
                     return Err(unauthorized(if kid.is_some() {
