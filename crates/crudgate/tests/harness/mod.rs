@@ -137,21 +137,34 @@ impl Drop for TestDb {
     }
 }
 
-/// crudgate serving one test database on 127.0.0.1 and a random port.
-pub struct TestApp {
+/// crudgate serving on 127.0.0.1 and a random port until dropped.
+pub struct Server {
     pub base: String,
     pub http: reqwest::Client,
-    /// A separate connection to the same database, for assertions.
-    pub db: Client,
     pub engine: Engine,
     shutdown: Option<oneshot::Sender<()>>,
 }
 
-impl Drop for TestApp {
+impl Drop for Server {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// crudgate serving one test database, with a separate connection to that database for
+/// assertions. Derefs to its [`Server`] for requests.
+pub struct TestApp {
+    pub server: Server,
+    /// A separate connection to the same database, for assertions.
+    pub db: Client,
+}
+
+impl std::ops::Deref for TestApp {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
     }
 }
 
@@ -165,6 +178,19 @@ pub async fn spawn_app_with_hooks(
     cfg: EngineConfig,
     hooks: Vec<Arc<dyn WriteHook>>,
 ) -> TestApp {
+    let server = spawn_server(db_url, cfg, hooks).await;
+    TestApp {
+        server,
+        db: connect(db_url).await,
+    }
+}
+
+/// Starts crudgate alone: the database need not be up.
+pub async fn spawn_server(
+    db_url: &str,
+    cfg: EngineConfig,
+    hooks: Vec<Arc<dyn WriteHook>>,
+) -> Server {
     let engine = Engine::connect(db_url, cfg, hooks).await.expect("engine");
     let auth = Authenticator::new(&AuthConfig {
         mode: AuthMode::None,
@@ -183,13 +209,12 @@ pub async fn spawn_app_with_hooks(
         .await
         .expect("serve");
     });
-    TestApp {
+    Server {
         base: format!("http://{addr}"),
         http: reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(30))
             .build()
             .expect("http client"),
-        db: connect(db_url).await,
         engine,
         shutdown: Some(tx),
     }
@@ -207,7 +232,7 @@ pub async fn app() -> (TestDb, TestApp) {
     app_with(EngineConfig::default()).await
 }
 
-impl TestApp {
+impl Server {
     /// `POST /api/data` with a JSON body.
     pub async fn post(&self, body: &Value) -> (StatusCode, HeaderMap, Value) {
         self.post_raw(serde_json::to_vec(body).expect("serialise"))

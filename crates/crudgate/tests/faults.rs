@@ -1,0 +1,137 @@
+//! A database that goes away and comes back, on a cluster of this test's own (stopping the
+//! shared one would break the other tests).
+
+mod harness;
+
+use crudgate::config::EngineConfig;
+use crudgate_pgtemp::Cluster;
+use harness::*;
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_stopped_database_is_503_and_the_same_batch_succeeds_after_a_restart() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .unwrap()
+        .expect("own cluster");
+    let db = TestDb::on(&cluster.url()).await;
+    let cfg = EngineConfig {
+        connect_timeout_ms: 1000,
+        retry_after_ms: 3000,
+        ..Default::default()
+    };
+    let app = spawn_app(&db.url, cfg).await;
+
+    // Up: the app works and its pool holds connections that are about to die.
+    let warm = new_id();
+    assert_success(
+        &app.apply_tx(vec![put("lists", warm, json!({"name": "warm"}))])
+            .await,
+    );
+    assert_eq!(app.get("/ready").await.0, StatusCode::OK);
+
+    let cluster = std::sync::Arc::new(cluster);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop())
+        .await
+        .unwrap()
+        .expect("stop");
+
+    let list = new_id();
+    let body = batch(vec![
+        vec![put("lists", list, json!({"name": "while down"}))],
+        vec![put(
+            "todos",
+            new_id(),
+            json!({"list_id": list.to_string(), "description": "t"}),
+        )],
+    ]);
+    for _ in 0..2 {
+        let (status, headers, answer) = app.post(&body).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+        assert_eq!(
+            headers.get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("3"),
+            "{headers:?}"
+        );
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+    }
+    let (status, headers, _) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(
+        app.get("/health").await.0,
+        StatusCode::OK,
+        "alive, not ready"
+    );
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart())
+        .await
+        .unwrap()
+        .expect("restart");
+
+    // Same crudgate, same batch.
+    let r = app.apply(&body).await;
+    assert_eq!(r.len(), 2);
+    assert_success(&r[0]);
+    assert_success(&r[1]);
+    assert_eq!(app.get("/ready").await.0, StatusCode::OK);
+
+    let check = db.client().await;
+    assert_eq!(count(&check, "lists").await, 2);
+    assert_eq!(count(&check, "todos").await, 1);
+    let name: String = check
+        .query_one("select name from lists where id = $1", &[&list])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "while down");
+}
+
+#[tokio::test]
+async fn crudgate_started_before_its_database_serves_once_it_is_up() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start)
+        .await
+        .unwrap()
+        .expect("own cluster");
+    let db = TestDb::on(&cluster.url()).await;
+    let cluster = std::sync::Arc::new(cluster);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.stop())
+        .await
+        .unwrap()
+        .expect("stop");
+
+    // crudgate starts without its database: not ready, and uploads are 503.
+    let server = spawn_server(
+        &db.url,
+        EngineConfig {
+            connect_timeout_ms: 1000,
+            ..Default::default()
+        },
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        server.get("/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let body = batch(vec![vec![put("lists", new_id(), json!({"name": "late"}))]]);
+    let (status, headers, _) = server.post(&body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.restart())
+        .await
+        .unwrap()
+        .expect("restart");
+    assert_eq!(server.get("/ready").await.0, StatusCode::OK);
+    assert_success(&server.apply(&body).await[0]);
+    assert_eq!(count(&db.client().await, "lists").await, 1);
+}
