@@ -54,6 +54,8 @@ struct Inner {
     hooks: Vec<Arc<dyn WriteHook>>,
     catalog: RwLock<Option<Arc<Catalog>>>,
     last_refresh: Mutex<Option<Instant>>,
+    /// Serialises throttled refreshes; holds when the last successful one started.
+    refresh_gate: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// A client asking for an unknown table may refresh the catalog at most this often.
@@ -100,6 +102,7 @@ impl Engine {
                 hooks,
                 catalog: RwLock::new(None),
                 last_refresh: Mutex::new(None),
+                refresh_gate: tokio::sync::Mutex::new(None),
             }),
         };
         if let Err(e) = engine.refresh_schema().await {
@@ -152,15 +155,26 @@ impl Engine {
         self.inner.catalog.read().expect("not poisoned").clone()
     }
 
-    /// Refreshes the catalog unless that was done very recently; true if it was refreshed.
+    /// Refreshes the catalog for a request that named something unknown, at most once per
+    /// `REFRESH_INTERVAL`. A request that comes too soon waits out the interval rather than
+    /// being rejected on a catalog older than its schema change, and a refresh that started
+    /// after it asked serves it too. True if the catalog is now newer than the request.
     async fn refresh_throttled(&self) -> bool {
-        let recent = self
-            .inner
-            .last_refresh
-            .lock()
-            .expect("not poisoned")
-            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL);
-        !recent && self.refresh_schema().await.is_ok()
+        let asked = Instant::now();
+        let mut gate = self.inner.refresh_gate.lock().await;
+        if gate.is_some_and(|started| started >= asked) {
+            return true;
+        }
+        let last = *self.inner.last_refresh.lock().expect("not poisoned");
+        if let Some(rest) = last.and_then(|t| REFRESH_INTERVAL.checked_sub(t.elapsed())) {
+            tokio::time::sleep(rest).await;
+        }
+        let started = Instant::now();
+        let ok = self.refresh_schema().await.is_ok();
+        if ok {
+            *gate = Some(started);
+        }
+        ok
     }
 
     /// Applies a batch: each client transaction atomically, in order, committed before this
