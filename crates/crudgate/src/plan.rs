@@ -209,8 +209,14 @@ pub(crate) struct Stmt {
 pub(crate) fn one_per_op(tx: usize, ops: &[RowOp], cfg: &EngineConfig) -> Vec<Stmt> {
     ops.iter()
         .enumerate()
+        .filter(|(_, op)| !is_noop(op, cfg))
         .filter_map(|(i, op)| statement(&[(OpRef { tx, op: i }, op)], cfg))
         .collect()
+}
+
+/// An empty PATCH when missing rows are no error: nothing to check, nothing to change.
+fn is_noop(op: &RowOp, cfg: &EngineConfig) -> bool {
+    op.kind == OpKind::Patch && op.cols.is_empty() && cfg.patch_missing == PatchMissing::Ignore
 }
 
 /// Groups the operations of several transactions into bulk statements. Only valid when all of
@@ -234,8 +240,7 @@ pub(crate) fn bulk<'a>(
         }
     };
     for (at, op) in ops {
-        if op.kind == OpKind::Patch && op.cols.is_empty() && cfg.patch_missing == PatchMissing::Ignore
-        {
+        if is_noop(op, cfg) {
             continue;
         }
         let same_table = window
