@@ -534,3 +534,40 @@ async fn a_transaction_rejected_before_sql_stops_the_batch_too() {
     assert_eq!(r[2], json!({"status": "not_attempted"}));
     assert_eq!(list_names(&app).await, vec!["before".to_owned()]);
 }
+
+#[tokio::test]
+async fn an_empty_patch_is_success_without_effect_on_every_path() {
+    // `{}` is what a no-op UPDATE uploads; with the default policy a missing row is no error.
+    for planner in [Planner::Bulk, Planner::Naive] {
+        let (_db, app) = app_with(EngineConfig {
+            planner,
+            on_fatal: OnFatal::Skip,
+            ..Default::default()
+        })
+        .await;
+        let list = seed_list(&app.db).await;
+        let r = app
+            .apply(&batch(vec![
+                vec![
+                    patch("lists", list, json!({})),
+                    patch("lists", new_id(), json!({})),
+                ],
+                // A failing transaction sends the request down the exact path.
+                vec![put(
+                    "todos",
+                    new_id(),
+                    json!({"list_id": new_id().to_string(), "description": "x"}),
+                )],
+                vec![patch("lists", new_id(), json!({}))],
+            ]))
+            .await;
+        assert_success(&r[0]);
+        assert_fatal(&r[1], "FOREIGN_KEY_VIOLATION", 0);
+        assert_success(&r[2]);
+        assert_eq!(
+            list_names(&app).await,
+            vec!["seeded".to_owned()],
+            "{planner:?}"
+        );
+    }
+}
