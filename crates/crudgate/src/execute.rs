@@ -267,6 +267,12 @@ impl Engine {
                 )),
                 Disposition::Temporary | Disposition::RetryHere => {
                     let mut results = vec![TxResult::NotAttempted; prepared.len()];
+                    // With `skip`, transactions rejected before the first runnable one stand.
+                    for (i, p) in prepared.iter().enumerate().take(runnable[0]) {
+                        if let Err(r) = p {
+                            results[i] = fatal(r.clone());
+                        }
+                    }
                     results[runnable[0]] = retryable(cfg, &f.summary());
                     Applied::Done(Outcome {
                         results,
