@@ -631,3 +631,37 @@ async fn a_column_added_right_after_a_catalog_refresh_is_accepted() {
         .get(0);
     assert_eq!(colour.as_deref(), Some("red"));
 }
+
+#[tokio::test]
+async fn with_skip_a_rejected_transaction_before_a_temporary_failure_is_still_reported() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "alter database {} set lock_timeout = '200ms'",
+        db.name
+    ))
+    .await;
+    let cfg = EngineConfig {
+        on_fatal: crudgate::config::OnFatal::Skip,
+        ..Default::default()
+    };
+    let app = spawn_app(&db.url, cfg).await;
+    let list = seed_list(&app.db).await;
+    let body = batch(vec![
+        vec![put(
+            "lists",
+            new_id(),
+            json!({"name": "x", "colour": "red"}),
+        )],
+        vec![patch("lists", list, json!({"name": "renamed"}))],
+        vec![put("lists", new_id(), json!({"name": "later"}))],
+    ]);
+    let locker = lock_row(&db, list).await;
+    let r = app.apply(&body).await;
+    locker.batch_execute("rollback").await.unwrap();
+    // The same results as the exact path gives: the rejection stands, the batch stops at the
+    // temporary failure.
+    assert_fatal(&r[0], "SCHEMA_MISMATCH", 0);
+    assert_retryable(&r[1], 1000);
+    assert_eq!(r[2], json!({"status": "not_attempted"}));
+    assert_eq!(count(&app.db, "lists").await, 1);
+}
