@@ -326,3 +326,76 @@ async fn an_invalid_date_refused_by_postgres_is_invalid_data_naming_the_column()
     assert_eq!(f["details"]["column"], "due_date", "{f}");
     no_rows(&app).await;
 }
+
+#[tokio::test]
+async fn a_text_column_keeps_the_exact_text_of_a_number() {
+    let db = TestDb::new().await;
+    db.exec("create table notes (id text primary key, body text)")
+        .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    let body = r#"{"transactions":[{"crud":[
+        {"op":"PUT","table":"notes","id":"a","op_data":{"body":42.0}},
+        {"op":"PUT","table":"notes","id":"b","op_data":{"body":12345678901234567890}}]}]}"#;
+    let (status, _, answer) = app.post_raw(body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_success(&results(&answer)[0]);
+    let rows: Vec<String> = app
+        .db
+        .query("select body from notes order by id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        rows,
+        vec!["42.0".to_owned(), "12345678901234567890".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn a_utc_timestamp_in_the_sdk_format_is_stored_as_is() {
+    let (_db, app) = kinds_app().await;
+    let id = put_ok(&app, json!({"at": "2024-03-01 23:59:59.999Z"})).await;
+    let want =
+        Utc.with_ymd_and_hms(2024, 3, 1, 23, 59, 59).unwrap() + chrono::Duration::milliseconds(999);
+    assert_eq!(read::<DateTime<Utc>>(&app, &id, "at").await, want);
+}
+
+#[tokio::test]
+async fn hex_into_bytea_when_configured() {
+    let db = TestDb::new().await;
+    db.exec(KINDS).await;
+    let app = spawn_app(
+        &db.url,
+        EngineConfig {
+            bytea: crudgate::config::ByteaEncoding::Hex,
+            ..Default::default()
+        },
+    )
+    .await;
+    let id = put_ok(&app, json!({"blob": "00ff10"})).await;
+    assert_eq!(
+        read::<Vec<u8>>(&app, &id, "blob").await,
+        vec![0x00, 0xff, 0x10]
+    );
+    let (_, r) = put_kinds(&app, json!({"blob": "not hex"})).await;
+    assert_fatal(&r, "INVALID_DATA", 0);
+}
+
+#[tokio::test]
+async fn jsonb_takes_arrays_scalars_and_json_values_sent_as_such() {
+    let (_db, app) = kinds_app().await;
+    let id = put_ok(&app, json!({"doc": "[1,\"two\"]"})).await;
+    assert_eq!(read::<Value>(&app, &id, "doc").await, json!([1, "two"]));
+    let id = put_ok(&app, json!({"doc": "\"just a string\""})).await;
+    assert_eq!(
+        read::<String>(&app, &id, "jsonb_typeof(doc)").await,
+        "string"
+    );
+    let id = put_ok(&app, json!({"doc": {"nested": {"x": true}}})).await;
+    assert_eq!(
+        read::<Value>(&app, &id, "doc").await,
+        json!({"nested": {"x": true}})
+    );
+}

@@ -571,3 +571,45 @@ async fn an_empty_patch_is_success_without_effect_on_every_path() {
         );
     }
 }
+
+#[tokio::test]
+async fn names_that_need_quoting_work() {
+    for planner in [Planner::Bulk, Planner::Naive] {
+        let db = harness::TestDb::new().await;
+        db.exec(r#"create table "Weird Table" ("select" text primary key, "order" int, "Mixed""Quote" text)"#)
+            .await;
+        let app = spawn_app(
+            &db.url,
+            EngineConfig {
+                planner,
+                ..Default::default()
+            },
+        )
+        .await;
+        let r = app
+            .apply_tx(vec![
+                put("Weird Table", "a", json!({"order": 1, "Mixed\"Quote": "q"})),
+                put("Weird Table", "b", json!({"order": 2})),
+                patch("Weird Table", "a", json!({"order": 3})),
+                delete("Weird Table", "b"),
+            ])
+            .await;
+        assert_success(&r);
+        let rows: Vec<(String, Option<i32>, Option<String>)> = app
+            .db
+            .query(
+                r#"select "select", "order", "Mixed""Quote" from "Weird Table""#,
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![("a".to_owned(), Some(3), Some("q".to_owned()))],
+            "{planner:?}"
+        );
+    }
+}
