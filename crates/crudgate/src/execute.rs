@@ -300,7 +300,13 @@ impl Engine {
                 Err(r) => Err(r.clone()),
                 Ok(ops) => {
                     let stmts = plan::one_per_op(i, ops, cfg);
-                    match self.with_retries(ctx, &stmts, mode).await {
+                    let mut res = self.with_retries(ctx, &stmts, mode).await;
+                    if res.as_ref().is_err_and(Failure::rejected_at_commit) {
+                        // A deferred constraint failed at COMMIT: once more with every
+                        // constraint checked per statement, to name the operation.
+                        res = self.with_retries(ctx, &stmts, Mode::Checked).await;
+                    }
+                    match res {
                         Ok(()) => Ok(()),
                         Err(f) => match f.disposition() {
                             Disposition::Unavailable if !committed_any => {
@@ -459,9 +465,12 @@ enum Applied {
 enum Mode {
     /// Bulk statements, BEGIN … COMMIT in one pipeline.
     Fast,
-    /// One statement per operation, pipelined, constraints checked per statement so that a
-    /// deferred constraint also names its operation.
+    /// One statement per operation, pipelined.
     Exact,
+    /// Like `Exact`, with constraints checked per statement (`set constraints all immediate`),
+    /// so that a deferred constraint also names its operation. Only for a transaction that
+    /// already failed at COMMIT: it would reject valid ones that rely on deferral.
+    Checked,
     /// One statement per operation, each awaited: the naive planner.
     Sequential,
 }
@@ -491,6 +500,13 @@ impl Failure {
             (None, Some(_)) => Disposition::Reject("ROW_NOT_FOUND"),
             (None, None) => Disposition::Unavailable,
         }
+    }
+
+    /// Rejected by the database at COMMIT (a deferred constraint).
+    fn rejected_at_commit(&self) -> bool {
+        self.stmt.is_none()
+            && self.error.is_some()
+            && matches!(self.disposition(), Disposition::Reject(_))
     }
 
     fn db_error(&self) -> Option<&DbError> {
@@ -546,7 +562,7 @@ async fn run(
 
     let mut head: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
     head.push(client.batch_execute("begin").map(|r| r.map(|_| 0)).boxed());
-    if mode == Mode::Exact {
+    if mode == Mode::Checked {
         head.push(client.batch_execute("set constraints all immediate").map(|r| r.map(|_| 0)).boxed());
     }
     if let (Some(st), Some(uid)) = (&set_user, &user_param) {
