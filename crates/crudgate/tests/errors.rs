@@ -665,3 +665,90 @@ async fn with_skip_a_rejected_transaction_before_a_temporary_failure_is_still_re
     assert_eq!(r[2], json!({"status": "not_attempted"}));
     assert_eq!(count(&app.db, "lists").await, 1);
 }
+
+#[tokio::test]
+async fn a_deferred_constraint_names_its_operation() {
+    for planner in [
+        crudgate::config::Planner::Bulk,
+        crudgate::config::Planner::Naive,
+    ] {
+        let db = TestDb::new().await;
+        db.exec(
+            "alter table todos drop constraint todos_list_id_fkey;
+             alter table todos add constraint todos_list_id_fkey foreign key (list_id)
+               references lists(id) on delete cascade deferrable initially deferred;",
+        )
+        .await;
+        let app = spawn_app(
+            &db.url,
+            EngineConfig {
+                planner,
+                ..Default::default()
+            },
+        )
+        .await;
+        let list = new_id();
+        let f = rejected(
+            &app,
+            vec![
+                put("lists", list, json!({"name": "l"})),
+                todo(list, "fine"),
+                todo(new_id(), "orphan"),
+                todo(list, "fine too"),
+            ],
+            "FOREIGN_KEY_VIOLATION",
+            2,
+        )
+        .await;
+        assert_eq!(
+            f["details"]["constraint"], "todos_list_id_fkey",
+            "{planner:?}: {f}"
+        );
+        assert_eq!(count(&app.db, "lists").await, 0);
+        // Deferred means deferred: a child before its parent in one transaction is fine.
+        let list = new_id();
+        let r = app
+            .apply_tx(vec![
+                todo(list, "child first"),
+                put("lists", list, json!({"name": "parent second"})),
+            ])
+            .await;
+        assert_success(&r);
+    }
+}
+
+#[tokio::test]
+async fn a_deferred_constraint_stays_deferred_when_another_transaction_fails() {
+    let db = TestDb::new().await;
+    db.exec(
+        "alter table todos drop constraint todos_list_id_fkey;
+         alter table todos add constraint todos_list_id_fkey foreign key (list_id)
+           references lists(id) on delete cascade deferrable initially deferred;
+         alter table lists add constraint name_not_blank check (name <> '');",
+    )
+    .await;
+    let app = spawn_app(
+        &db.url,
+        EngineConfig {
+            on_fatal: crudgate::config::OnFatal::Skip,
+            ..Default::default()
+        },
+    )
+    .await;
+    let list = new_id();
+    let r = app
+        .apply(&batch(vec![
+            // Valid: the parent arrives later in the same transaction.
+            vec![
+                todo(list, "child first"),
+                put("lists", list, json!({"name": "parent second"})),
+            ],
+            // Invalid, which sends the request down the exact path.
+            vec![put("lists", new_id(), json!({"name": ""}))],
+        ]))
+        .await;
+    assert_success(&r[0]);
+    assert_fatal(&r[1], "CHECK_VIOLATION", 0);
+    assert_eq!(count(&app.db, "todos").await, 1);
+    assert_eq!(count(&app.db, "lists").await, 1);
+}
