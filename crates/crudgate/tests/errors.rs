@@ -752,3 +752,134 @@ async fn a_deferred_constraint_stays_deferred_when_another_transaction_fails() {
     assert_eq!(count(&app.db, "todos").await, 1);
     assert_eq!(count(&app.db, "lists").await, 1);
 }
+
+/// Waits until one of crudgate's connections to this database waits for a lock.
+async fn until_crudgate_waits_for_a_lock(app: &TestApp) {
+    for _ in 0..500 {
+        let waiting: i64 = app
+            .db
+            .query_one(
+                "select count(*) from pg_stat_activity
+                  where datname = current_database() and application_name = 'crudgate'
+                    and wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("crudgate never waited for the lock");
+}
+
+#[tokio::test]
+async fn a_real_serialization_failure_is_retried_inside_the_server() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "alter database {} set default_transaction_isolation = 'serializable'",
+        db.name
+    ))
+    .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    let list = seed_list(&app.db).await;
+    // Another session changes the row and keeps it locked.
+    let other = db.client().await;
+    other.batch_execute("begin").await.unwrap();
+    other
+        .execute(
+            "update lists set owner_id = 'other' where id = $1",
+            &[&list],
+        )
+        .await
+        .unwrap();
+    let body = batch(vec![vec![patch(
+        "lists",
+        list,
+        json!({"name": "from crudgate"}),
+    )]]);
+    let request = {
+        let http = app.http.clone();
+        let url = format!("{}/api/data", app.base);
+        tokio::spawn(async move { http.post(url).json(&body).send().await })
+    };
+    // crudgate's snapshot is taken and it waits for the row; the other session's commit
+    // then makes its UPDATE a serialization failure (40001).
+    until_crudgate_waits_for_a_lock(&app).await;
+    other.batch_execute("commit").await.unwrap();
+    let res = request.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = res.json().await.unwrap();
+    assert_success(&results(&answer)[0]);
+    let row = app
+        .db
+        .query_one("select name, owner_id from lists where id = $1", &[&list])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "from crudgate");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("other"));
+}
+
+#[tokio::test]
+async fn a_real_deadlock_is_retried_inside_the_server() {
+    let db = TestDb::new().await;
+    // crudgate's sessions look for deadlocks first, so they are the victim.
+    db.exec(&format!(
+        "alter database {} set deadlock_timeout = '1s'",
+        db.name
+    ))
+    .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    let x = seed_list(&app.db).await;
+    let y = seed_list(&app.db).await;
+    let other = db.client().await;
+    other
+        .batch_execute("set deadlock_timeout = '60s'; begin")
+        .await
+        .unwrap();
+    other
+        .execute("update lists set owner_id = 'other' where id = $1", &[&x])
+        .await
+        .unwrap();
+    // crudgate locks y, then waits for x.
+    let body = batch(vec![vec![
+        patch("lists", y, json!({"name": "y by crudgate"})),
+        patch("lists", x, json!({"owner_id": "crudgate"})),
+    ]]);
+    let request = {
+        let http = app.http.clone();
+        let url = format!("{}/api/data", app.base);
+        tokio::spawn(async move { http.post(url).json(&body).send().await })
+    };
+    until_crudgate_waits_for_a_lock(&app).await;
+    // The other session now waits for y: a cycle, which crudgate's session detects (40P01).
+    // Once crudgate rolls back, the other session gets y and commits; the retry then runs.
+    other
+        .execute("update lists set name = 'y by other' where id = $1", &[&y])
+        .await
+        .unwrap();
+    other.batch_execute("commit").await.unwrap();
+    let res = request.await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = res.json().await.unwrap();
+    assert_success(&results(&answer)[0]);
+    let owner: Option<String> = app
+        .db
+        .query_one("select owner_id from lists where id = $1", &[&x])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner.as_deref(), Some("crudgate"));
+    let name: String = app
+        .db
+        .query_one("select name from lists where id = $1", &[&y])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        name, "y by crudgate",
+        "the retry ran after the other commit"
+    );
+}
