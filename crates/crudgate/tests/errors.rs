@@ -883,3 +883,79 @@ async fn a_real_deadlock_is_retried_inside_the_server() {
         "the retry ran after the other commit"
     );
 }
+
+#[tokio::test]
+async fn tables_crudgate_cannot_write_are_schema_mismatch() {
+    let db = TestDb::new().await;
+    db.exec(
+        "create table no_key (id text, body text);
+         create table two_keys (a text, b text, primary key (a, b));
+         create view list_names as select id, name from lists;
+         create table computed (id text primary key, n int,
+                                twice int generated always as (n * 2) stored,
+                                seq int generated always as identity);
+         create schema hidden;
+         create table hidden.secrets (id text primary key, body text);",
+    )
+    .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    for (op, what) in [
+        (put("no_key", "a", json!({"body": "x"})), "no_key"),
+        (put("two_keys", "a", json!({"b": "x"})), "two_keys"),
+        (
+            put("list_names", new_id(), json!({"name": "x"})),
+            "list_names",
+        ),
+        (put("secrets", "a", json!({"body": "x"})), "secrets"),
+        (put("computed", "a", json!({"n": 1, "twice": 2})), "twice"),
+        (put("computed", "a", json!({"n": 1, "seq": 5})), "seq"),
+    ] {
+        let f = rejected(&app, vec![op], "SCHEMA_MISMATCH", 0).await;
+        assert!(f["message"].as_str().unwrap().contains(what), "{f}");
+    }
+    // The writable columns of that table are fine.
+    assert_success(
+        &app.apply_tx(vec![put("computed", "a", json!({"n": 21}))])
+            .await,
+    );
+    let twice: i32 = app
+        .db
+        .query_one("select twice from computed where id = 'a'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(twice, 42);
+    assert_eq!(count(&app.db, "hidden.secrets").await, 0);
+}
+
+#[tokio::test]
+async fn the_first_configured_schema_wins_for_a_table_name() {
+    let db = TestDb::new().await;
+    db.exec(
+        "create schema app;
+         create table app.lists (id uuid primary key, title text not null);",
+    )
+    .await;
+    let app = spawn_app(
+        &db.url,
+        EngineConfig {
+            schemas: vec!["app".into(), "public".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let list = new_id();
+    assert_success(
+        &app.apply_tx(vec![put("lists", list, json!({"title": "in app"}))])
+            .await,
+    );
+    assert_eq!(count(&app.db, "app.lists").await, 1);
+    assert_eq!(count(&app.db, "public.lists").await, 0);
+    // public's other tables are still there.
+    assert_fatal(
+        &app.apply_tx(vec![todo(list, "the fk points at public.lists")])
+            .await,
+        "FOREIGN_KEY_VIOLATION",
+        0,
+    );
+}

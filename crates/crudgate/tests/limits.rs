@@ -252,3 +252,39 @@ async fn ready_is_200_when_the_database_answers() {
     let (status, _, _) = app.get("/ready").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_transaction_of_thousands_of_operations_is_applied_or_rejected_whole() {
+    let (_db, app) = app().await;
+    let list = new_id();
+    let mut ops = vec![put("lists", list, json!({"name": "big"}))];
+    let ids: Vec<_> = (0..5000).map(|_| new_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        ops.push(put(
+            "todos",
+            id,
+            json!({"list_id": list.to_string(), "description": format!("t{i}")}),
+        ));
+    }
+    for id in ids.iter().step_by(2) {
+        ops.push(patch("todos", id, json!({"completed": 1})));
+    }
+    let mut bad = ops.clone();
+    bad.push(put(
+        "todos",
+        new_id(),
+        json!({"list_id": new_id().to_string(), "description": "orphan"}),
+    ));
+    let last = bad.len() - 1;
+    assert_fatal(&app.apply_tx(bad).await, "FOREIGN_KEY_VIOLATION", last);
+    assert_eq!(count(&app.db, "todos").await, 0);
+    assert_success(&app.apply_tx(ops).await);
+    assert_eq!(count(&app.db, "todos").await, 5000);
+    let done: i64 = app
+        .db
+        .query_one("select count(*) from todos where completed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(done, 2500);
+}
