@@ -155,9 +155,9 @@ async fn a_numeric_overflowing_its_precision_is_invalid_data_naming_the_column()
 #[tokio::test]
 async fn a_missing_privilege_is_unauthorized() {
     let db = TestDb::new().await;
-    let role = format!("cg_writer_{}", new_id().simple());
+    let role = db.create_role("cg_writer").await;
     db.exec(&format!(
-        "create role {role} login password 'pw';
+        "
          grant usage on schema public to {role};
          grant select, insert, update, delete on lists to {role};
          grant select, update, delete on todos to {role};"
@@ -182,9 +182,9 @@ async fn a_missing_privilege_is_unauthorized() {
 #[tokio::test]
 async fn a_row_level_security_refusal_is_unauthorized() {
     let db = TestDb::new().await;
-    let role = format!("cg_rls_{}", new_id().simple());
+    let role = db.create_role("cg_rls").await;
     db.exec(&format!(
-        "create role {role} login password 'pw';
+        "
          grant usage on schema public to {role};
          grant select, insert, update, delete on lists to {role};
          alter table lists enable row level security;

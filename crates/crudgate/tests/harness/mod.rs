@@ -67,6 +67,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     server_url: String,
+    /// Roles created for this test (roles belong to the server, not the database).
+    roles: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestDb {
@@ -93,6 +95,7 @@ impl TestDb {
             name,
             url,
             server_url: server_url.to_owned(),
+            roles: Default::default(),
         }
     }
 
@@ -111,6 +114,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Creates a login role with password `pw` for this test; returns its name.
+    pub async fn create_role(&self, prefix: &str) -> String {
+        let role = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+        self.exec(&format!("create role {role} login password 'pw'"))
+            .await;
+        self.roles.lock().unwrap().push(role.clone());
+        role
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Only worth the trouble on a server that outlives the test binary.
@@ -119,6 +133,7 @@ impl Drop for TestDb {
         }
         let admin_url = self.server_url.clone();
         let name = self.name.clone();
+        let roles = std::mem::take(&mut *self.roles.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -130,6 +145,11 @@ impl Drop for TestDb {
                     let _ = c
                         .batch_execute(&format!("drop database if exists {name} with (force)"))
                         .await;
+                    for role in roles {
+                        let _ = c
+                            .batch_execute(&format!("drop role if exists {role}"))
+                            .await;
+                    }
                 }
             });
         })
