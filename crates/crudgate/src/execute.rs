@@ -197,9 +197,9 @@ impl Engine {
             let mut prepared = prepare(&catalog);
             let unknown_names = prepared
                 .iter()
-                .any(|p| matches!(p, Err(r) if r.code == "SCHEMA_MISMATCH"));
+                .any(|p| matches!(p, Err(r) if r.code == "SCHEMA_MISMATCH" || unknown_label(&catalog, r)));
             if unknown_names && schema_retry && self.refresh_throttled().await {
-                // The table or column may have been created since the catalog was read.
+                // The table, column or enum label may have been created since the catalog was read.
                 schema_retry = false;
                 if let Some(fresh) = self.catalog().await {
                     prepared = prepare(&fresh);
@@ -454,6 +454,24 @@ impl Engine {
         }
         None
     }
+}
+
+/// A value refused for an enum column (or array of one): the label may have been added since
+/// the catalog was read.
+fn unknown_label(catalog: &Catalog, r: &Rejection) -> bool {
+    fn has_enum(kind: &Kind) -> bool {
+        match kind {
+            Kind::Enum(_) => true,
+            Kind::Array(elem) => has_enum(elem),
+            _ => false,
+        }
+    }
+    let column = || {
+        let table = catalog.table(r.details.get("table")?.as_str()?).ok()?;
+        let c = table.column(r.details.get("column")?.as_str()?)?;
+        Some(has_enum(&table.columns[c].kind))
+    };
+    r.code == "INVALID_DATA" && column().unwrap_or(false)
 }
 
 enum Applied {
