@@ -22,6 +22,7 @@ const KINDS: &str = "
         qty int4,
         ratio float8,
         mood mood,
+        moods mood[],
         due_date date,
         addr inet,
         ref uuid
@@ -397,5 +398,20 @@ async fn jsonb_takes_arrays_scalars_and_json_values_sent_as_such() {
     assert_eq!(
         read::<Value>(&app, &id, "doc").await,
         json!({"nested": {"x": true}})
+    );
+}
+
+#[tokio::test]
+async fn an_enum_label_added_after_crudgate_started_is_accepted() {
+    let (db, app) = kinds_app().await;
+    assert_success(&put_kinds(&app, json!({"mood": "low"})).await.1);
+    db.exec("alter type mood add value 'medium'").await;
+    let id = put_ok(&app, json!({"mood": "medium"})).await;
+    assert_eq!(read::<String>(&app, &id, "mood::text").await, "medium");
+    db.exec("alter type mood add value 'elated'").await;
+    let id = put_ok(&app, json!({"moods": "[\"elated\",\"low\"]"})).await;
+    assert_eq!(
+        read::<String>(&app, &id, "moods::text").await,
+        "{elated,low}"
     );
 }
