@@ -362,7 +362,9 @@ impl Engine {
                     return Err(Failure::no_connection());
                 }
             };
-            let res = run(&client, ctx, stmts, mode, cfg).await;
+            let mut in_use = DetachOnDrop(Some(client));
+            let res = run(in_use.0.as_ref().expect("just set"), ctx, stmts, mode, cfg).await;
+            let client = in_use.0.take().expect("just set");
             let Err(f) = res else { return Ok(()) };
             match f.disposition() {
                 Disposition::RetryHere if attempt < cfg.max_attempts => {
@@ -472,6 +474,20 @@ fn unknown_label(catalog: &Catalog, r: &Rejection) -> bool {
         Some(has_enum(&table.columns[c].kind))
     };
     r.code == "INVALID_DATA" && column().unwrap_or(false)
+}
+
+/// A pooled connection while a transaction runs on it. If the request is dropped midway (its
+/// HTTP client went away), the connection may hold the open transaction, which the next
+/// user's COMMIT would commit by halves: it is taken out of the pool and closed instead, which
+/// rolls the transaction back.
+struct DetachOnDrop(Option<Client>);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 enum Applied {
