@@ -1,5 +1,5 @@
-//! A database that goes away and comes back, on a cluster of this test's own (stopping the
-//! shared one would break the other tests).
+//! A database that goes away and comes back, on clusters of these tests' own (stopping the
+//! shared one would break the other tests), and a client that goes away midway.
 
 mod harness;
 
@@ -134,4 +134,79 @@ async fn crudgate_started_before_its_database_serves_once_it_is_up() {
     assert_eq!(server.get("/ready").await.0, StatusCode::OK);
     assert_success(&server.apply(&body).await[0]);
     assert_eq!(count(&db.client().await, "lists").await, 1);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_midway_leaves_nothing_behind_on_the_pooled_connection() {
+    // The naive planner awaits each statement: a client that disconnects while one waits
+    // cancels the request between statements, with its transaction open on the connection.
+    let db = TestDb::new().await;
+    let app = spawn_app(
+        &db.url,
+        EngineConfig {
+            planner: crudgate::config::Planner::Naive,
+            pool_size: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let locked = seed_list(&app.db).await;
+    let other = db.client().await;
+    other.batch_execute("begin").await.unwrap();
+    other
+        .execute("select 1 from lists where id = $1 for update", &[&locked])
+        .await
+        .unwrap();
+    let first = new_id();
+    let third = new_id();
+    let body = batch(vec![vec![
+        put("lists", first, json!({"name": "first"})),
+        patch("lists", locked, json!({"name": "second"})),
+        put("lists", third, json!({"name": "third"})),
+    ]]);
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(format!("{}/api/data", app.base))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gone.is_err(), "the request was meant to time out");
+    // Let the server see the client go before the lock is released.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    other.batch_execute("rollback").await.unwrap();
+
+    // The next request gets the same (only) connection.
+    let next = new_id();
+    assert_success(
+        &app.apply_tx(vec![put("lists", next, json!({"name": "next"}))])
+            .await,
+    );
+    let names = |ids: Vec<uuid::Uuid>| {
+        let db = &app.db;
+        async move {
+            let mut out = Vec::new();
+            for id in ids {
+                let n: Option<String> = db
+                    .query_opt("select name from lists where id = $1", &[&id])
+                    .await
+                    .unwrap()
+                    .map(|r| r.get(0));
+                out.push(n);
+            }
+            out
+        }
+    };
+    // All or nothing of the abandoned transaction: here nothing, as its client got no answer.
+    assert_eq!(
+        names(vec![first, locked, third, next]).await,
+        vec![
+            None,
+            Some("seeded".to_owned()),
+            None,
+            Some("next".to_owned())
+        ]
+    );
 }
