@@ -62,6 +62,8 @@ struct Inner {
     hooks: Vec<Arc<dyn WriteHook>>,
     catalog: RwLock<Option<Arc<Catalog>>>,
     last_refresh: Mutex<Option<Instant>>,
+    /// Serialises throttled refreshes; holds when the last successful one started.
+    refresh_gate: tokio::sync::Mutex<Option<Instant>>,
     metrics: Metrics,
 }
 
@@ -113,6 +115,7 @@ impl Engine {
                 hooks,
                 catalog: RwLock::new(None),
                 last_refresh: Mutex::new(None),
+                refresh_gate: tokio::sync::Mutex::new(None),
                 metrics: Metrics::default(),
             }),
         };
@@ -211,15 +214,26 @@ impl Engine {
         self.inner.catalog.read().expect("not poisoned").clone()
     }
 
-    /// Refreshes the catalog unless that was done very recently; true if it was refreshed.
+    /// Refreshes the catalog for a request that named something unknown, at most once per
+    /// `REFRESH_INTERVAL`. A request that comes too soon waits out the interval rather than
+    /// being rejected on a catalog older than its schema change, and a refresh that started
+    /// after it asked serves it too. True if the catalog is now newer than the request.
     async fn refresh_throttled(&self) -> bool {
-        let recent = self
-            .inner
-            .last_refresh
-            .lock()
-            .expect("not poisoned")
-            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL);
-        !recent && self.refresh_schema().await.is_ok()
+        let asked = Instant::now();
+        let mut gate = self.inner.refresh_gate.lock().await;
+        if gate.is_some_and(|started| started >= asked) {
+            return true;
+        }
+        let last = *self.inner.last_refresh.lock().expect("not poisoned");
+        if let Some(rest) = last.and_then(|t| REFRESH_INTERVAL.checked_sub(t.elapsed())) {
+            tokio::time::sleep(rest).await;
+        }
+        let started = Instant::now();
+        let ok = self.refresh_schema().await.is_ok();
+        if ok {
+            *gate = Some(started);
+        }
+        ok
     }
 
     /// Applies a batch: each client transaction atomically, in order, committed before this
@@ -283,11 +297,12 @@ impl Engine {
                     .collect()
             };
             let mut prepared = prepare(&catalog);
-            let unknown_names = prepared
-                .iter()
-                .any(|p| matches!(p, Err(r) if r.code == "SCHEMA_MISMATCH"));
+            let unknown_names = prepared.iter().any(|p| {
+                matches!(p, Err(r) if r.code == "SCHEMA_MISMATCH" || unknown_label(&catalog, r))
+            });
             if unknown_names && schema_retry && self.refresh_throttled().await {
-                // The table or column may have been created since the catalog was read.
+                // The table, column or enum label may have been created since the catalog was
+                // read.
                 schema_retry = false;
                 if let Some(fresh) = self.catalog().await {
                     prepared = prepare(&fresh);
@@ -313,6 +328,13 @@ impl Engine {
                 Err(f) => match f.disposition() {
                     Disposition::Unavailable => {
                         return unavailable(txs.len(), cfg, "database unavailable")
+                    }
+                    // Transactions rejected before the failing one must still be answered (and
+                    // recorded): the exact path does that, then meets the failure again.
+                    Disposition::Temporary | Disposition::RetryHere
+                        if prepared.iter().take_while(|p| p.is_err()).count() > 0 =>
+                    {
+                        return self.exact_all(&req).await;
                     }
                     Disposition::Temporary | Disposition::RetryHere => {
                         let mut results = vec![TxResult::NotAttempted; txs.len()];
@@ -517,7 +539,17 @@ impl Engine {
         let mut committed_any = false;
         #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
         for i in 0..req.txs.len() {
-            let answer = match self.with_retries(|| self.exact_attempt(req, i, None)).await {
+            let mut res = self
+                .with_retries(|| self.exact_attempt(req, i, None, Mode::Exact))
+                .await;
+            if res.as_ref().is_err_and(Failure::rejected_at_commit) {
+                // A deferred constraint failed at COMMIT: once more with every constraint
+                // checked per statement, to name the operation.
+                res = self
+                    .with_retries(|| self.exact_attempt(req, i, None, Mode::Checked))
+                    .await;
+            }
+            let answer = match res {
                 Ok(r) => r,
                 Err(f) => match f.disposition() {
                     Disposition::Unavailable if !committed_any => {
@@ -564,7 +596,7 @@ impl Engine {
     async fn record_rejection(&self, req: &Req<'_>, i: usize, r: Rejection) -> TxResult {
         let r = Some(r);
         match self
-            .with_retries(|| self.exact_attempt(req, i, r.clone()))
+            .with_retries(|| self.exact_attempt(req, i, r.clone(), Mode::Exact))
             .await
         {
             Ok(answer) => answer,
@@ -579,11 +611,12 @@ impl Engine {
         req: &Req<'_>,
         i: usize,
         rejected: Option<Rejection>,
+        mode: Mode,
     ) -> Result<TxResult, Failure> {
         let cfg = &self.inner.cfg;
-        let mode = match cfg.planner {
-            Planner::Naive => Mode::Sequential,
-            Planner::Bulk => Mode::Exact,
+        let mode = match (cfg.planner, mode) {
+            (Planner::Naive, Mode::Exact) => Mode::Sequential,
+            (_, mode) => mode,
         };
         let client = self.connection().await?;
         let ids: Vec<String> = req.keys[i].iter().map(|k| k.id.clone()).collect();
@@ -793,6 +826,24 @@ impl Engine {
     }
 }
 
+/// A value refused for an enum column (or array of one): the label may have been added since
+/// the catalog was read.
+fn unknown_label(catalog: &Catalog, r: &Rejection) -> bool {
+    fn has_enum(kind: &Kind) -> bool {
+        match kind {
+            Kind::Enum(_) => true,
+            Kind::Array(elem) => has_enum(elem),
+            _ => false,
+        }
+    }
+    let column = || {
+        let table = catalog.table(r.details.get("table")?.as_str()?).ok()?;
+        let c = table.column(r.details.get("column")?.as_str()?)?;
+        Some(has_enum(&table.columns[c].kind))
+    };
+    r.code == "INVALID_DATA" && column().unwrap_or(false)
+}
+
 /// Assigns a value to a column's full type (with its length or precision) the way an INSERT
 /// would, so that overlong text fails too.
 async fn probe(client: &Client, type_full: &str, v: &str) -> Result<(), tokio_postgres::Error> {
@@ -832,16 +883,19 @@ enum TxPlan<'a> {
 enum Mode {
     /// Bulk statements, BEGIN … COMMIT in one pipeline.
     Fast,
-    /// One statement per operation, pipelined, constraints checked per statement so that a
-    /// deferred constraint also names its operation.
+    /// One statement per operation, pipelined.
     Exact,
+    /// Like `Exact`, with constraints checked per statement (`set constraints all immediate`),
+    /// so that a deferred constraint also names its operation. Only for a transaction that
+    /// already failed at COMMIT: it would reject valid ones that rely on deferral.
+    Checked,
     /// One statement per operation, each awaited: the naive planner.
     Sequential,
 }
 
 /// The statements every transaction starts with, prepared.
 struct Head {
-    exact: bool,
+    immediate: bool,
     set_user: Option<tokio_postgres::Statement>,
     lock: Option<tokio_postgres::Statement>,
     lookup: Option<tokio_postgres::Statement>,
@@ -865,7 +919,7 @@ impl Head {
                 .map_err(|e| Failure::at(None, e, false))
         };
         Ok(Head {
-            exact: mode != Mode::Fast,
+            immediate: mode == Mode::Checked,
             set_user: match ctx.user_id {
                 Some(_) => Some(prep(SET_USER.to_owned()).await?),
                 None => None,
@@ -902,7 +956,7 @@ impl Head {
         ctx: &'a Context,
     ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
         let mut out = vec![client.batch_execute("begin").map(|r| r.map(|_| 0)).boxed()];
-        if self.exact {
+        if self.immediate {
             out.push(
                 client
                     .batch_execute("set constraints all immediate")
@@ -1054,6 +1108,14 @@ impl Failure {
             error: Some(e),
             commit_maybe_sent,
         }
+    }
+
+    /// Rejected by the database at COMMIT (a deferred constraint).
+    fn rejected_at_commit(&self) -> bool {
+        self.op.is_none()
+            && !self.bookkeeping
+            && self.error.is_some()
+            && matches!(self.disposition(), Disposition::Reject(_))
     }
 
     /// A statement applying client operations failed (so the failure names an operation).

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::coerce::coerce;
 use crate::config::{EngineConfig, PatchMissing};
 use crate::protocol::{OpKind, Operation, Transaction};
-use crate::schema::{Catalog, Table, Unwritable};
+use crate::schema::{Catalog, Kind, Table, Unwritable};
 
 /// Why a client transaction is rejected, and at which of its operations.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,8 +226,14 @@ pub(crate) struct Stmt {
 pub(crate) fn one_per_op(tx: usize, ops: &[RowOp], cfg: &EngineConfig) -> Vec<Stmt> {
     ops.iter()
         .enumerate()
+        .filter(|(_, op)| !is_noop(op, cfg))
         .filter_map(|(i, op)| statement(&[(OpRef { tx, op: i }, op)], cfg))
         .collect()
+}
+
+/// An empty PATCH when missing rows are no error: nothing to check, nothing to change.
+fn is_noop(op: &RowOp, cfg: &EngineConfig) -> bool {
+    op.kind == OpKind::Patch && op.cols.is_empty() && cfg.patch_missing == PatchMissing::Ignore
 }
 
 /// Groups the operations of several transactions into bulk statements. Only valid when all of
@@ -251,16 +257,13 @@ pub(crate) fn bulk<'a>(
         }
     };
     for (at, op) in ops {
-        if op.kind == OpKind::Patch
-            && op.cols.is_empty()
-            && cfg.patch_missing == PatchMissing::Ignore
-        {
+        if is_noop(op, cfg) {
             continue;
         }
         let same_table = window
             .first()
             .is_some_and(|g| Arc::ptr_eq(&g[0].1.table, &op.table));
-        if !same_table || keys.contains(op.key.as_str()) {
+        if !same_table || keys.contains(op.key.as_str()) || !canonical_key(&op.table) {
             flush(&mut window, &mut out);
             keys.clear();
         }
@@ -278,6 +281,15 @@ pub(crate) fn bulk<'a>(
     }
     flush(&mut window, &mut out);
     out
+}
+
+/// Whether equal rows always have equal key text (as the planner's distinct-row check assumes).
+/// Not so for citext, char(n) or domains, whose different spellings can name one row: in one
+/// bulk UPDATE, only one of two such PATCHes would apply. Their operations are not grouped.
+fn canonical_key(t: &Table) -> bool {
+    let pk = t.pk_column();
+    matches!(pk.kind, Kind::Uuid | Kind::Int { .. })
+        || matches!(pk.type_sql.as_str(), "text" | "character varying")
 }
 
 /// The statement for a group of same-shaped operations on distinct rows.

@@ -156,7 +156,7 @@ impl Engine {
         client
             .execute(
                 &format!(
-                    "delete from {} where created_at < now() - make_interval(secs => $1)",
+                    "delete from {} where created_at < now() - make_interval(secs => $1::int)",
                     self.tables().rejections
                 ),
                 &[&secs],

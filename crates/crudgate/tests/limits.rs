@@ -1,0 +1,290 @@
+//! Request limits and malformed bodies: each gets a 4xx with `{"message"}`, never a 500, and
+//! nothing of it is applied.
+
+mod harness;
+
+use crudgate::config::EngineConfig;
+use harness::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Asserts an error answer with `status` and a `{"message"}` body; returns the message.
+#[track_caller]
+fn assert_error(status: StatusCode, body: &Value, want: StatusCode) -> String {
+    assert_eq!(status, want, "body: {body}");
+    let message = body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {body}"));
+    assert!(!message.is_empty());
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(1),
+        "only a message: {body}"
+    );
+    message.to_owned()
+}
+
+fn list_tx() -> Vec<Value> {
+    vec![put("lists", new_id(), json!({"name": "l"}))]
+}
+
+#[tokio::test]
+async fn a_body_over_the_body_limit_is_413() {
+    let (_db, app) = app_with(EngineConfig {
+        body_limit: 4096,
+        ..Default::default()
+    })
+    .await;
+    let big = batch(vec![vec![put(
+        "lists",
+        new_id(),
+        json!({"name": "x".repeat(8192)}),
+    )]]);
+    let (status, _, body) = app.post(&big).await;
+    let message = assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(message.contains("4096"), "{message}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+    // Just under the limit is fine.
+    let small = batch(vec![vec![put(
+        "lists",
+        new_id(),
+        json!({"name": "x".repeat(3000)}),
+    )]]);
+    assert_success(&app.apply(&small).await[0]);
+}
+
+#[tokio::test]
+async fn a_body_of_several_megabytes_under_the_default_limit_is_accepted() {
+    // Real batches exceed web frameworks' default limits (axum's is 2 MB).
+    let (_db, app) = app().await;
+    let list = new_id();
+    let r = app
+        .apply(&batch(vec![vec![put(
+            "lists",
+            list,
+            json!({"name": "y".repeat(3 * 1024 * 1024)}),
+        )]]))
+        .await;
+    assert_success(&r[0]);
+    let len: i32 = app
+        .db
+        .query_one("select length(name) from lists where id = $1", &[&list])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(len, 3 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn more_than_max_transactions_is_400() {
+    let (_db, app) = app_with(EngineConfig {
+        max_transactions: 3,
+        ..Default::default()
+    })
+    .await;
+    let (status, _, body) = app.post(&batch(vec![list_tx(); 4])).await;
+    let message = assert_error(status, &body, StatusCode::BAD_REQUEST);
+    assert!(message.contains('3') && message.contains('4'), "{message}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+    let r = app
+        .apply(&batch(vec![list_tx(), list_tx(), list_tx()]))
+        .await;
+    assert_eq!(r.len(), 3);
+}
+
+#[tokio::test]
+async fn the_default_allows_50_transactions_and_refuses_51() {
+    let (_db, app) = app().await;
+    let ok = batch((0..50).map(|_| list_tx()).collect());
+    let r = app.apply(&ok).await;
+    assert_eq!(r.len(), 50);
+    r.iter().for_each(assert_success);
+    let (status, _, body) = app.post(&batch((0..51).map(|_| list_tx()).collect())).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST);
+    assert_eq!(count(&app.db, "lists").await, 50);
+}
+
+#[tokio::test]
+async fn zero_transactions_is_400() {
+    let (_db, app) = app().await;
+    let (status, _, body) = app.post(&json!({"transactions": []})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn more_than_max_operations_is_413() {
+    let (_db, app) = app_with(EngineConfig {
+        max_operations: 5,
+        ..Default::default()
+    })
+    .await;
+    // Counted over all transactions of the request.
+    let six = batch(vec![
+        (0..3).flat_map(|_| list_tx()).collect(),
+        (0..3).flat_map(|_| list_tx()).collect(),
+    ]);
+    let (status, _, body) = app.post(&six).await;
+    let message = assert_error(status, &body, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(message.contains('5') && message.contains('6'), "{message}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+    let five = batch(vec![(0..5).flat_map(|_| list_tx()).collect()]);
+    assert_success(&app.apply(&five).await[0]);
+    assert_eq!(count(&app.db, "lists").await, 5);
+}
+
+#[tokio::test]
+async fn malformed_json_is_400_naming_line_and_column() {
+    let (_db, app) = app().await;
+    // The stray `}` is on line 2, column 13.
+    let body = "{\"transactions\": [\n  {\"crud\": [}\n]}";
+    let (status, _, body) = app.post_raw(body).await;
+    let message = assert_error(status, &body, StatusCode::BAD_REQUEST);
+    assert!(message.contains("line 2"), "{message}");
+    assert!(message.contains("column 13"), "{message}");
+}
+
+#[tokio::test]
+async fn an_empty_body_is_400() {
+    let (_db, app) = app().await;
+    let (status, _, body) = app.post_raw("").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn crud_that_is_not_an_array_is_400_naming_the_path() {
+    let (_db, app) = app().await;
+    let (status, _, body) = app
+        .post(&json!({"transactions": [{"crud": []}, {"crud": {"op": "PUT"}}]}))
+        .await;
+    let message = assert_error(status, &body, StatusCode::BAD_REQUEST);
+    assert!(message.contains("transactions[1].crud"), "{message}");
+}
+
+#[tokio::test]
+async fn a_missing_table_field_is_400_naming_the_path() {
+    let (_db, app) = app().await;
+    let (status, _, body) = app
+        .post(&json!({"transactions": [{"crud": [
+            {"op": "PUT", "table": "lists", "id": "a", "op_data": {}},
+            {"op": "PUT", "id": "b", "op_data": {}}
+        ]}]}))
+        .await;
+    let message = assert_error(status, &body, StatusCode::BAD_REQUEST);
+    assert!(message.contains("transactions[0].crud[1]"), "{message}");
+    assert!(message.contains("table"), "{message}");
+}
+
+#[tokio::test]
+async fn an_unknown_op_is_400() {
+    let (_db, app) = app().await;
+    let (status, _, body) = app
+        .post(&json!({"transactions": [{"crud": [
+            {"op": "UPSERT", "table": "lists", "id": new_id().to_string(), "op_data": {"name": "x"}}
+        ]}]}))
+        .await;
+    let message = assert_error(status, &body, StatusCode::BAD_REQUEST);
+    assert!(message.contains("transactions[0].crud[0].op"), "{message}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+}
+
+#[tokio::test]
+async fn no_malformed_request_is_ever_a_500() {
+    let (_db, app) = app_with(EngineConfig {
+        body_limit: 1024,
+        ..Default::default()
+    })
+    .await;
+    let bodies: Vec<String> = vec![
+        "".into(),
+        "null".into(),
+        "[]".into(),
+        "42".into(),
+        "\"transactions\"".into(),
+        "{}".into(),
+        "{\"transactions\": null}".into(),
+        "{\"transactions\": {}}".into(),
+        "{\"transactions\": [null]}".into(),
+        "{\"transactions\": [{}]}".into(),
+        "{\"transactions\": [{\"crud\": [null]}]}".into(),
+        "{\"transactions\": [{\"crud\": [{\"op\": 1, \"table\": \"lists\", \"id\": \"a\"}]}]}".into(),
+        "{\"transactions\": [{\"crud\": [{\"op\": \"PUT\", \"table\": 5, \"id\": \"a\"}]}]}".into(),
+        "{\"transactions\": [{\"crud\": [{\"op\": \"PUT\", \"table\": \"lists\", \"id\": null}]}]}".into(),
+        "{\"transactions\": [{\"crud\": [{\"op\": \"PUT\", \"table\": \"lists\", \"id\": {}}]}]}".into(),
+        "{\"transactions\": [{\"crud\": [{\"op\": \"PUT\", \"table\": \"lists\", \"id\": \"a\", \"op_data\": []}]}]}".into(),
+        "{\"transactions\": [{\"crud\": [{\"op\": \"PUT\", \"table\": \"lists\", \"id\": \"a\", \"op_data\": \"{}\"}]}]}".into(),
+        "{\"transactions\": [{\"crud\": []}]".into(),
+        "\u{feff}{\"transactions\": []}".into(),
+        "{\"transactions\": [".repeat(200),
+        "x".repeat(2000),
+    ];
+    for raw in bodies {
+        let (status, _, body) = app.post_raw(raw.clone()).await;
+        assert!(
+            status.is_client_error(),
+            "{raw:?} got {status}, body {body}"
+        );
+        assert!(body["message"].is_string(), "{raw:?}: {body}");
+    }
+    // Bodies that parse but carry hopeless operations are answered per transaction, not 500.
+    for op in [
+        json!({"op": "PUT", "table": "lists", "id": "", "op_data": {"name": "x"}}),
+        json!({"op": "PUT", "table": "", "id": "a", "op_data": {}}),
+        json!({"op": "DELETE", "table": "lists", "id": 12}),
+        json!({"op": "PATCH", "table": "lists", "id": new_id().to_string(), "op_data": {"id": "other"}}),
+    ] {
+        let (status, _, body) = app.post(&batch(vec![vec![op.clone()]])).await;
+        assert_eq!(status, StatusCode::OK, "{op}: {body}");
+        assert_eq!(results(&body)[0]["status"], "fatal_error", "{op}: {body}");
+    }
+    assert_eq!(count(&app.db, "lists").await, 0);
+}
+
+#[tokio::test]
+async fn health_is_200() {
+    let (_db, app) = app().await;
+    let (status, _, _) = app.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn ready_is_200_when_the_database_answers() {
+    let (_db, app) = app().await;
+    let (status, _, _) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_transaction_of_thousands_of_operations_is_applied_or_rejected_whole() {
+    let (_db, app) = app().await;
+    let list = new_id();
+    let mut ops = vec![put("lists", list, json!({"name": "big"}))];
+    let ids: Vec<_> = (0..5000).map(|_| new_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        ops.push(put(
+            "todos",
+            id,
+            json!({"list_id": list.to_string(), "description": format!("t{i}")}),
+        ));
+    }
+    for id in ids.iter().step_by(2) {
+        ops.push(patch("todos", id, json!({"completed": 1})));
+    }
+    let mut bad = ops.clone();
+    bad.push(put(
+        "todos",
+        new_id(),
+        json!({"list_id": new_id().to_string(), "description": "orphan"}),
+    ));
+    let last = bad.len() - 1;
+    assert_fatal(&app.apply_tx(bad).await, "FOREIGN_KEY_VIOLATION", last);
+    assert_eq!(count(&app.db, "todos").await, 0);
+    assert_success(&app.apply_tx(ops).await);
+    assert_eq!(count(&app.db, "todos").await, 5000);
+    let done: i64 = app
+        .db
+        .query_one("select count(*) from todos where completed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(done, 2500);
+}
