@@ -565,3 +565,84 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Vec<Stmt> {
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TableRule;
+    use crate::rules;
+
+    /// Three operations of one kind by one owner, on an owned table.
+    fn owned(kind: OpKind) -> Vec<RowOp> {
+        let table = Arc::new(Table::of_text_columns("lists", &["id", "name", "owner_id"]));
+        let rule = TableRule {
+            owner: Some("owner_id".into()),
+            ..TableRule::default()
+        };
+        let access = Arc::new(rules::resolve("lists", &rule, table.clone()).expect("rule fits"));
+        (0..3)
+            .map(|i| {
+                let (cols, vals) = match kind {
+                    OpKind::Put => (vec![1, 2], vec![Some("n".into()), Some("alice".into())]),
+                    OpKind::Patch => (vec![1], vec![Some("n".into())]),
+                    OpKind::Delete => (vec![], vec![]),
+                };
+                RowOp {
+                    access: access.clone(),
+                    table: table.clone(),
+                    kind,
+                    key: format!("row-{i}"),
+                    cols,
+                    vals,
+                    db_cols: Vec::new(),
+                    owner: Some((2, "alice".into())),
+                }
+            })
+            .collect()
+    }
+
+    fn planned(ops: &[RowOp]) -> Vec<Stmt> {
+        let refs = ops
+            .iter()
+            .enumerate()
+            .map(|(op, row)| (OpRef { tx: 0, op }, row));
+        bulk(refs, &EngineConfig::default())
+    }
+
+    #[test]
+    fn an_owned_group_gets_one_pipelined_guard_and_stays_one_statement() {
+        for kind in [OpKind::Put, OpKind::Patch, OpKind::Delete] {
+            let stmts = planned(&owned(kind));
+            assert_eq!(stmts.len(), 2, "{kind:?}: guard + statement");
+            assert_eq!(stmts[0].expect, Expect::Guard);
+            assert_eq!(stmts[0].ops.len(), 3);
+            assert!(stmts[0].sql.contains("is distinct from"));
+            // No row count to read before COMMIT: COMMIT stays in the same pipeline, so
+            // ownership costs no round trip.
+            assert!(stmts.iter().all(|s| !matches!(s.expect, Expect::Rows(_))));
+            // The statement itself only touches the caller's rows.
+            assert!(stmts[1].sql.contains("\"owner_id\""), "{}", stmts[1].sql);
+        }
+    }
+
+    #[test]
+    fn a_put_on_an_owned_table_never_updates_a_row_of_another_owner() {
+        let stmts = planned(&owned(OpKind::Put));
+        assert!(stmts[1]
+            .sql
+            .ends_with("where _cg_t.\"owner_id\" = excluded.\"owner_id\""));
+        // Every parameter is used (an unused one would have no type).
+        assert_eq!(stmts[1].params.len(), 3);
+    }
+
+    #[test]
+    fn an_unowned_table_gets_no_guard() {
+        let mut ops = owned(OpKind::Patch);
+        for op in &mut ops {
+            op.owner = None;
+        }
+        let stmts = planned(&ops);
+        assert_eq!(stmts.len(), 1);
+        assert_eq!(stmts[0].expect, Expect::Any);
+    }
+}

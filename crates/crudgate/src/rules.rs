@@ -141,7 +141,7 @@ pub(crate) fn resolve_all(
 }
 
 /// One rule against its table; the error says what does not fit (for the log).
-fn resolve(client: &str, rule: &TableRule, table: Arc<Table>) -> Result<Access, String> {
+pub(crate) fn resolve(client: &str, rule: &TableRule, table: Arc<Table>) -> Result<Access, String> {
     let mut access = Access::unrestricted(table.clone());
     access.ops = rule.ops.clone();
     let server = |name: &str| {

@@ -69,6 +69,36 @@ impl Table {
     pub fn pk_column(&self) -> &Column {
         &self.columns[self.pk]
     }
+
+    /// A table of text columns, the first being the key (for unit tests of the planner).
+    #[cfg(test)]
+    pub(crate) fn of_text_columns(name: &str, columns: &[&str]) -> Table {
+        let columns: Vec<Column> = columns
+            .iter()
+            .map(|c| Column {
+                name: (*c).to_owned(),
+                ident: quote_ident(c),
+                type_sql: "text".into(),
+                type_full: "text".into(),
+                type_name: "text".into(),
+                kind: Kind::Text,
+                writable: true,
+            })
+            .collect();
+        Table {
+            schema: "public".into(),
+            ident: format!("\"public\".{}", quote_ident(name)),
+            name: name.into(),
+            by_name: columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), i))
+                .collect(),
+            columns,
+            pk: 0,
+            rows_commute: true,
+        }
+    }
 }
 
 /// Why a table exists in Postgres but cannot take client writes.

@@ -613,21 +613,33 @@ async fn contradictory_rules_fail_the_start() {
     assert!(err.to_string().contains("deny_columns"), "{err}");
 }
 
+#[derive(serde::Deserialize)]
+struct Settings {
+    engine: EngineConfig,
+}
+
 #[test]
-fn rules_deserialize_with_their_documented_defaults() {
-    let cfg: EngineConfig = from_json(
-        r#"{
-        "tables": {
-            "todos": {
-                "table": "todo_items", "schema": "app", "ops": ["put", "PATCH"],
-                "deny_columns": ["secret"], "rename": {"done": "completed"},
-                "owner": "owner_id", "set": {"updated_at": "now()", "org": "claim:org.id"}
-            },
-            "lists": {}
-        },
-        "rls": {"jwt_claims": true, "role": "authenticated"}
-    }"#,
-    );
+fn rules_parse_from_toml_with_their_documented_defaults() {
+    let cfg = toml::from_str::<Settings>(
+        r#"
+        [engine.tables.todos]
+        table = "todo_items"
+        schema = "app"
+        ops = ["put", "PATCH"]
+        deny_columns = ["secret"]
+        rename = { done = "completed" }
+        owner = "owner_id"
+        set = { updated_at = "now()", org = "claim:org.id" }
+
+        [engine.tables.lists]
+
+        [engine.rls]
+        jwt_claims = true
+        role = "authenticated"
+        "#,
+    )
+    .expect("config")
+    .engine;
     let todos = &cfg.tables["todos"];
     assert_eq!(todos.ops, vec![OpKind::Put, OpKind::Patch]);
     assert_eq!(todos.set["updated_at"], SetValue::Now);
@@ -635,23 +647,25 @@ fn rules_deserialize_with_their_documented_defaults() {
         todos.set["org"],
         SetValue::Claim(vec!["org".into(), "id".into()])
     );
+    assert_eq!(todos.rename["done"], "completed");
     let lists = &cfg.tables["lists"];
-    assert_eq!(lists.ops.len(), 3);
-    assert!(lists.columns.is_none() && lists.owner.is_none());
-    assert!(!cfg.allow_unlisted_tables);
-    assert!(cfg.rls.app_user_id && cfg.rls.jwt_claims);
-    assert!(!RlsConfig::default().jwt_claims);
-    assert!(serde_json::from_value::<EngineConfig>(
-        json!({"tables": {"t": {"set": {"a": "uuid()"}}}})
-    )
-    .is_err());
+    assert_eq!(lists.ops.len(), 3, "all ops by default");
+    assert!(lists.columns.is_none() && lists.deny_columns.is_empty() && lists.owner.is_none());
     assert!(
-        serde_json::from_value::<EngineConfig>(json!({"tables": {"t": {"own": "x"}}})).is_err()
+        !cfg.allow_unlisted_tables,
+        "unlisted tables are refused by default"
     );
-}
-
-fn from_json(text: &str) -> EngineConfig {
-    serde_json::from_str(text).expect("config")
+    assert!(cfg.rls.app_user_id && cfg.rls.jwt_claims);
+    assert_eq!(cfg.rls.role.as_deref(), Some("authenticated"));
+    assert!(!RlsConfig::default().jwt_claims && RlsConfig::default().role.is_none());
+    for bad in [
+        "[engine.tables.t]\nset = { a = \"uuid()\" }",
+        "[engine.tables.t]\nown = \"x\"",
+        "[engine.tables.t]\nops = [\"UPSERT\"]",
+        "[engine.rls]\nrole_name = \"x\"",
+    ] {
+        assert!(toml::from_str::<Settings>(bad).is_err(), "{bad}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
