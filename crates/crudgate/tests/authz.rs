@@ -918,3 +918,150 @@ async fn a_jwt_claims_policy_under_set_local_role_admits_the_owner_and_rejects_o
         .get(0);
     assert_eq!(rejections, 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cost
+
+/// A TCP proxy to Postgres that delays everything the server sends by `delay` (without
+/// limiting throughput), so a request's time counts its round trips.
+async fn slow_proxy(db_url: &str, delay: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (prefix, rest) = db_url.split_once("@127.0.0.1:").expect("local url");
+    let (port, path) = rest.split_once('/').expect("path");
+    let upstream = format!("127.0.0.1:{port}");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&upstream)
+                .await
+                .expect("upstream");
+            client.set_nodelay(true).ok();
+            server.set_nodelay(true).ok();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0
+                        || tx
+                            .send((tokio::time::Instant::now(), buf[..n].to_vec()))
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(at + delay).await;
+                    if cw.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("{prefix}@{addr}/{path}")
+}
+
+#[tokio::test]
+async fn ownership_guards_add_no_round_trip() {
+    let delay = std::time::Duration::from_millis(60);
+    let db = fresh_db(SCHEMA).await;
+    let url = slow_proxy(&db.url, delay).await;
+    let open = TableRule {
+        table: Some("lists".into()),
+        ..rule()
+    };
+    let owned = TableRule {
+        table: Some("lists".into()),
+        ..owned_lists()
+    };
+    let engine = Engine::connect(
+        &url,
+        config(vec![("open", open), ("owned", owned)]),
+        Vec::new(),
+    )
+    .await
+    .expect("engine");
+    alice_owns_list_1_as(&engine, "owned").await;
+    let mut best = BTreeMap::new();
+    // Each shape runs once to prepare its statements, then is timed.
+    for round in 0..4 {
+        for table in ["open", "owned"] {
+            let started = std::time::Instant::now();
+            let r = apply(
+                &engine,
+                user(A),
+                vec![
+                    patch(table, LIST_1, json!({ "name": format!("n{round}") })),
+                    put(table, LIST_2, json!({ "name": "two", "owner_id": A })),
+                ],
+            )
+            .await;
+            assert_eq!(r, TxResult::Success);
+            if round > 0 {
+                let t = started.elapsed();
+                let e = best.entry(table).or_insert(t);
+                *e = (*e).min(t);
+            }
+        }
+    }
+    let (open, owned) = (best["open"], best["owned"]);
+    eprintln!("round trip {delay:?}: open table {open:?}, owned table {owned:?}");
+    // One round trip each: BEGIN, settings, guards, statements and COMMIT in one pipeline.
+    assert!(owned < delay * 2, "owned table took {owned:?}");
+    assert!(owned < open + delay / 2, "open {open:?}, owned {owned:?}");
+}
+
+#[tokio::test]
+async fn rls_settings_and_the_role_switch_add_no_round_trip() {
+    let delay = std::time::Duration::from_millis(60);
+    let db = fresh_db(SCHEMA).await;
+    let role = role_name(&db, "writer");
+    db.admin
+        .batch_execute(&format!(
+            "create role {role} nologin;
+             grant usage on schema public to {role};
+             grant select, insert, update, delete on lists to {role};
+             grant usage on sequence attempts to {role};"
+        ))
+        .await
+        .expect("role");
+    let url = slow_proxy(&db.url, delay).await;
+    let cfg = EngineConfig {
+        rls: RlsConfig {
+            app_user_id: true,
+            jwt_claims: true,
+            role: Some(role),
+        },
+        ..config(vec![("lists", owned_lists())])
+    };
+    let engine = Engine::connect(&url, cfg, Vec::new())
+        .await
+        .expect("engine");
+    let mut best = std::time::Duration::MAX;
+    for round in 0..4 {
+        let started = std::time::Instant::now();
+        let r = apply(
+            &engine,
+            user(A),
+            vec![put("lists", LIST_1, json!({ "name": format!("n{round}") }))],
+        )
+        .await;
+        assert_eq!(r, TxResult::Success);
+        if round > 0 {
+            best = best.min(started.elapsed());
+        }
+    }
+    eprintln!("round trip {delay:?}: settings, role, guard, PUT, COMMIT in {best:?}");
+    assert!(best < delay * 2, "took {best:?}");
+}
