@@ -156,6 +156,22 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(tables = catalog.tables().count(), "schema loaded");
+        if let Some(role) = &self.inner.cfg.rls.role {
+            // A role that cannot be assumed fails every write as a temporary error (the data is
+            // not at fault); say why once per load rather than once per request.
+            let usable = client
+                .query_opt(
+                    "select pg_has_role(current_user, oid, 'MEMBER') from pg_roles where rolname = $1",
+                    &[role],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.get::<_, bool>(0));
+            if !usable {
+                tracing::error!(role = %role, "rls.role does not exist or the login role is not a member of it; writes will fail");
+            }
+        }
         // Statements prepared against the old schema may no longer fit it.
         self.inner.pool.manager().statement_caches.clear();
         *self.inner.catalog.write().expect("not poisoned") = Some(Arc::new(catalog));

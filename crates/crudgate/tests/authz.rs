@@ -1065,3 +1065,24 @@ async fn rls_settings_and_the_role_switch_add_no_round_trip() {
     eprintln!("round trip {delay:?}: settings, role, guard, PUT, COMMIT in {best:?}");
     assert!(best < delay * 2, "took {best:?}");
 }
+
+#[tokio::test]
+async fn a_role_that_cannot_be_assumed_is_a_temporary_failure_not_a_rejection() {
+    let db = fresh_db(SCHEMA).await;
+    let cfg = EngineConfig {
+        rls: RlsConfig {
+            role: Some(role_name(&db, "missing")),
+            ..RlsConfig::default()
+        },
+        ..config(vec![("lists", owned_lists())])
+    };
+    let engine = engine(&db, cfg).await;
+    let r = apply(
+        &engine,
+        user(A),
+        vec![put("lists", LIST_1, json!({ "name": "x" }))],
+    )
+    .await;
+    assert!(matches!(r, TxResult::RetryableError { .. }), "{r:?}");
+    assert_eq!(list(&db, LIST_1).await, None);
+}
