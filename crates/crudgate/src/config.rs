@@ -128,13 +128,19 @@ pub struct TableRule {
     pub deny_columns: Vec<String>,
     /// Client column name → server column name.
     pub rename: BTreeMap<String, String>,
-    /// Server-set columns. Whatever the client sends for them is replaced: on PUT by the value
-    /// given here; on PATCH `now()` columns are set again and claim columns are left as they
-    /// are (a PATCH must never re-own a row), the client's value being dropped.
+    /// Server-set columns (`"claim:<path>"` or `"now()"`). Whatever the client sends for them
+    /// is ignored, and they never count against `columns`/`deny_columns` (a PUT carries every
+    /// non-null column of the local row, the client's copy of `owner_id` included). On PUT
+    /// (insert or update) each gets its value from here. On PATCH only `now()` columns are set,
+    /// and only when the PATCH changes something; claim columns keep their stored value, so a
+    /// PATCH can never re-own a row. A claim the token lacks (or that does not fit the column)
+    /// makes the PUT `UNAUTHORIZED`.
     pub set: BTreeMap<String, SetValue>,
-    /// Server column holding the owner's user id. PATCH and DELETE only touch rows whose owner
-    /// is the caller's `sub`; a PUT may not take over a row of another (or no) owner; PUT
-    /// writes the caller's `sub` into it. Breaking this is `UNAUTHORIZED`.
+    /// Server column holding the owner's user id; implies `set.<owner> = "claim:sub"`. PATCH
+    /// and DELETE only touch rows whose owner is the caller's `sub`; a PUT may not take over a
+    /// row of another owner, or of none (NULL). Breaking this is `UNAUTHORIZED` at the
+    /// operation's index; a PATCH or DELETE of a row that does not exist stays a success
+    /// without effect. Needs an authenticated caller, and SELECT on the table for the guard.
     pub owner: Option<String>,
 }
 
