@@ -41,6 +41,12 @@ async fn main() -> anyhow::Result<()> {
              write to the database. Use it for development only."
         );
     }
+    if settings.engine.tables.is_empty() && !settings.engine.allow_unlisted_tables {
+        tracing::warn!(
+            "no write rules ([engine.tables.*]) and allow_unlisted_tables = false: every write \
+             will be refused as UNAUTHORIZED"
+        );
+    }
     let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     let engine = Engine::connect(&database_url, settings.engine.clone(), Vec::new()).await?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)

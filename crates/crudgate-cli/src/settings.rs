@@ -126,10 +126,19 @@ impl Settings {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            // Other tools share the prefix (CRUDGATE_BIN in test harnesses): only variables
+            // naming one of our sections or top-level keys are configuration.
+            if !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+                continue;
+            }
             set_path(&mut doc, &path, env_value(&value))
                 .with_context(|| format!("environment variable {key}"))?;
         }
         let auth_in_file_or_env = doc.contains_key("auth");
+        let unlisted_chosen = doc
+            .get("engine")
+            .and_then(|e| e.get("allow_unlisted_tables"))
+            .is_some();
         let mut settings: Settings = toml::Value::Table(doc)
             .try_into()
             .context("invalid configuration")?;
@@ -153,9 +162,15 @@ impl Settings {
         if embedded && !auth_chosen {
             settings.auth.mode = AuthMode::None;
         }
+        // Likewise its demo tables are writable without rules, unless rules are given.
+        if embedded && settings.engine.tables.is_empty() && !unlisted_chosen {
+            settings.engine.allow_unlisted_tables = true;
+        }
         Ok(settings)
     }
 }
+
+const TOP_LEVEL_KEYS: [&str; 5] = ["database_url", "listen", "log_format", "engine", "auth"];
 
 /// An environment value as TOML when it reads as a TOML value (`50`, `true`, `["a"]`),
 /// otherwise as a plain string.

@@ -25,12 +25,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 use crate::classify::{classify_error, Disposition};
-use crate::config::{EngineConfig, OnFatal, Planner};
+use crate::config::{EngineConfig, OnFatal, Planner, RlsConfig};
 use crate::ledger::{self, Decided, Scope, Tables, TxKey};
 use crate::metrics::Metrics;
-use crate::plan::{self, Context, OpRef, Param, Rejection, RowOp, Stmt, WriteHook};
+use crate::plan::{self, Context, Expect, OpRef, Param, Rejection, RowOp, Stmt, WriteHook};
 use crate::protocol::{Batch, FailedOperation, Transaction, TxResult};
-use crate::schema::{Catalog, Kind};
+use crate::schema::{quote_ident, Catalog, Kind};
 
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,8 @@ pub enum StartError {
     DatabaseUrl(String),
     #[error("database pool: {0}")]
     Pool(String),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
 }
 
 /// What became of a request: one result per client transaction, and whether the database was
@@ -81,6 +83,7 @@ impl Engine {
         cfg: EngineConfig,
         hooks: Vec<Arc<dyn WriteHook>>,
     ) -> Result<Engine, StartError> {
+        cfg.validate().map_err(StartError::Config)?;
         let mut pg: tokio_postgres::Config = database_url
             .parse()
             .map_err(|e: tokio_postgres::Error| StartError::DatabaseUrl(e.to_string()))?;
@@ -89,7 +92,7 @@ impl Engine {
         // UTC so that nothing depends on the server's TimeZone; a statement timeout so a stuck
         // lock cannot hold a client's upload forever.
         pg.options(format!(
-            "-c TimeZone=UTC -c statement_timeout={}",
+            "-c TimeZone=UTC -c client_min_messages=warning -c statement_timeout={}",
             cfg.statement_timeout_ms
         ));
         let mgr = Manager::from_config(
@@ -160,6 +163,22 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(tables = catalog.tables().count(), "schema loaded");
+        if let Some(role) = &self.inner.cfg.rls.role {
+            // A role that cannot be assumed fails every write as a temporary error (the data is
+            // not at fault); say why once per load rather than once per request.
+            let usable = client
+                .query_opt(
+                    "select pg_has_role(current_user, oid, 'MEMBER') from pg_roles where rolname = $1",
+                    &[role],
+                )
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.get::<_, bool>(0));
+            if !usable {
+                tracing::error!(role = %role, "rls.role does not exist or the login role is not a member of it; writes will fail");
+            }
+        }
         // Statements prepared against the old schema may no longer fit it.
         self.inner.pool.manager().statement_caches.clear();
         *self.inner.catalog.write().expect("not poisoned") = Some(Arc::new(catalog));
@@ -451,10 +470,34 @@ impl Engine {
             sql: self.inner.tables.reject_sql(),
             params: params.into_iter().map(Param::Text).collect(),
             ops: Vec::new(),
-            expect_rows: None,
+            expect: Expect::Any,
         };
         let entry = ledger.then(|| (i, answer.clone()));
         (answer, Some(stmt), entry)
+    }
+
+    /// Runs the data statements as the configured role, so that its privileges and row-level
+    /// security policies apply. The role switch is pipelined like the statements (no round
+    /// trip of its own) and undone before crudgate's bookkeeping, which the role need not be
+    /// allowed to write.
+    fn as_role(&self, data: Vec<Stmt>) -> Vec<Stmt> {
+        let Some(role) = &self.inner.cfg.rls.role else {
+            return data;
+        };
+        if data.is_empty() {
+            return data;
+        }
+        let stmt = |sql: String| Stmt {
+            sql,
+            params: Vec::new(),
+            ops: Vec::new(),
+            expect: Expect::Any,
+        };
+        let mut out = Vec::with_capacity(data.len() + 2);
+        out.push(stmt(format!("set local role {}", quote_ident(role))));
+        out.extend(data);
+        out.push(stmt("reset role".to_owned()));
+        out
     }
 
     /// One insert for all ledger entries of a database transaction.
@@ -480,7 +523,7 @@ impl Engine {
                 col(&|(_, r)| serde_json::to_string(r).expect("results serialize")),
             ],
             ops: Vec::new(),
-            expect_rows: None,
+            expect: Expect::Any,
         })
     }
 
@@ -523,7 +566,7 @@ impl Engine {
                     .enumerate()
                     .map(move |(op, row)| (OpRef { tx, op }, row))
             });
-            let mut stmts = plan::bulk(ops, cfg);
+            let mut stmts = self.as_role(plan::bulk(ops, cfg));
             stmts.extend(writes);
             stmts.extend(self.ledger_insert(req, &entries));
             (stmts, results)
@@ -633,7 +676,7 @@ impl Engine {
             let mut entries = Vec::new();
             let answer = match plan {
                 TxPlan::Apply(ops) => {
-                    stmts = plan::one_per_op(i, ops, cfg);
+                    stmts = self.as_role(plan::one_per_op(i, ops, cfg));
                     entries.push((i, TxResult::Success));
                     TxResult::Success
                 }
@@ -703,13 +746,20 @@ impl Engine {
         lookup: Option<(&Scope, &[String])>,
         build: impl FnOnce(HashMap<String, Decided>) -> (Vec<Stmt>, T),
     ) -> Result<T, Failure> {
-        let head =
-            Head::prepare(client, ctx, mode, lookup.map(|l| l.0), &self.inner.tables).await?;
+        let head = Head::prepare(
+            client,
+            ctx,
+            mode,
+            lookup.map(|l| l.0),
+            &self.inner.tables,
+            &self.inner.cfg.rls,
+        )
+        .await?;
         let mut decided = HashMap::new();
         let head_sent = if let Some((scope, ids)) = lookup {
             let lookup_stmt = head.lookup.as_ref().expect("prepared with a scope");
             let ids: Vec<String> = ids.to_vec();
-            let mut futs = head.futures(client, ctx, scope);
+            let mut futs = head.futures(client, scope);
             let lookup_params: [&(dyn ToSql + Sync); 3] = [&scope.user_id, &scope.client_id, &ids];
             let rows_fut = client.query(lookup_stmt, &lookup_params);
             let (heads, rows) = futures::join!(join_all(futs.drain(..)), rows_fut);
@@ -741,23 +791,34 @@ impl Engine {
             false
         };
         let (stmts, value) = build(decided);
-        run(client, ctx, &head, head_sent, &stmts, mode).await?;
+        run(client, &head, head_sent, &stmts, mode).await?;
         Ok(value)
     }
 
-    /// Builds the rejection for a failed exact-path transaction.
+    /// Builds the rejection for a failed exact-path transaction, in the client's names.
     async fn rejection(&self, code: &str, f: &Failure, req: &Req<'_>, i: usize) -> Rejection {
         let ops = req.prepared[i].as_deref().unwrap_or(&[]);
         let op_index = f.op.map(|o| o.op).unwrap_or(0);
         let op = ops.get(op_index);
-        let table = op.map(|o| o.table.name.clone()).unwrap_or_default();
+        let table = req.txs[i]
+            .crud
+            .get(op_index)
+            .map(|o| o.table.clone())
+            .unwrap_or_default();
+        let key = op.map(|o| o.key.as_str()).unwrap_or("");
+        if f.guard {
+            tracing::info!(table = %table, "operation on a row of another owner refused");
+            return Rejection {
+                code: code.to_owned(),
+                message: format!("row {key:?} of table {table:?} belongs to another user"),
+                details: json!({ "table": table, "reason": "owner" }),
+                operation_index: op_index,
+            };
+        }
         let Some(db) = f.db_error() else {
             return Rejection {
                 code: code.to_owned(),
-                message: format!(
-                    "row {:?} of table {table:?} does not exist",
-                    op.map(|o| o.key.as_str()).unwrap_or("")
-                ),
+                message: format!("row {key:?} of table {table:?} does not exist"),
                 details: json!({ "table": table }),
                 operation_index: op_index,
             };
@@ -766,11 +827,18 @@ impl Engine {
         let mut details = Map::new();
         details.insert("sqlstate".into(), sqlstate.into());
         details.insert("table".into(), table.clone().into());
-        for (k, v) in [
-            ("constraint", db.constraint()),
-            ("column", db.column()),
-            ("detail", db.detail()),
-        ] {
+        // Postgres names server columns; the client knows its own names.
+        let client_column = |name: &str| match op {
+            Some(o) => o
+                .table
+                .column(name)
+                .map_or_else(|| name.to_owned(), |c| o.access.client_name(c).to_owned()),
+            None => name.to_owned(),
+        };
+        if let Some(c) = db.column() {
+            details.insert("column".into(), client_column(c).into());
+        }
+        for (k, v) in [("constraint", db.constraint()), ("detail", db.detail())] {
             if let Some(v) = v {
                 details.insert(k.into(), v.into());
             }
@@ -788,6 +856,12 @@ impl Engine {
                     data_condition(sqlstate)
                 ),
             }
+        } else if sqlstate == "42501" {
+            // Postgres' message names the server table (and policy).
+            format!(
+                "{} on table {table:?} is not permitted (privileges or row-level security)",
+                op.map_or("operation", |o| o.kind.as_str())
+            )
         } else {
             db.message().to_owned()
         };
@@ -800,7 +874,8 @@ impl Engine {
         }
     }
 
-    /// Casts each value of a rejected operation on its own to find the one Postgres refused.
+    /// Casts each value of a rejected operation on its own to find the one Postgres refused;
+    /// answers with the client's column name.
     async fn find_bad_column(&self, op: Option<&RowOp>) -> Option<(String, String)> {
         let op = op?;
         let client = self.inner.pool.get().await.ok()?;
@@ -818,7 +893,7 @@ impl Engine {
             let Some(v) = v else { continue };
             if let Err(e) = probe(&client, &col.type_full, &v).await {
                 if e.code().is_some_and(|c| c.code().starts_with("22")) {
-                    return Some((col.name.clone(), col.type_name.clone()));
+                    return Some((op.access.client_name(c).to_owned(), col.type_name.clone()));
                 }
             }
         }
@@ -837,9 +912,9 @@ fn unknown_label(catalog: &Catalog, r: &Rejection) -> bool {
         }
     }
     let column = || {
-        let table = catalog.table(r.details.get("table")?.as_str()?).ok()?;
-        let c = table.column(r.details.get("column")?.as_str()?)?;
-        Some(has_enum(&table.columns[c].kind))
+        let access = catalog.access(r.details.get("table")?.as_str()?).ok()?;
+        let c = access.column(r.details.get("column")?.as_str()?)?;
+        Some(has_enum(&access.table.columns[c].kind))
     };
     r.code == "INVALID_DATA" && column().unwrap_or(false)
 }
@@ -896,12 +971,34 @@ enum Mode {
 /// The statements every transaction starts with, prepared.
 struct Head {
     immediate: bool,
-    set_user: Option<tokio_postgres::Statement>,
+    /// Hands the caller's identity to row-level security, with its parameters.
+    identity: Option<(tokio_postgres::Statement, Vec<String>)>,
     lock: Option<tokio_postgres::Statement>,
     lookup: Option<tokio_postgres::Statement>,
 }
 
-const SET_USER: &str = "select set_config('app.user_id', $1, true)";
+/// The statement that hands the verified identity to Postgres (transaction-local settings),
+/// with its parameters; none without a user or with both settings off.
+fn identity_sql(rls: &RlsConfig, ctx: &Context) -> Option<(String, Vec<String>)> {
+    let user = ctx.user_id.as_ref()?;
+    let mut sets = Vec::new();
+    let mut params = Vec::new();
+    if rls.app_user_id {
+        params.push(user.clone());
+        sets.push(format!(
+            "set_config('app.user_id', ${}, true)",
+            params.len()
+        ));
+    }
+    if rls.jwt_claims {
+        params.push(ctx.claims.to_string());
+        sets.push(format!(
+            "set_config('request.jwt.claims', ${}, true)",
+            params.len()
+        ));
+    }
+    (!sets.is_empty()).then(|| (format!("select {}", sets.join(", ")), params))
+}
 const LOCK: &str = "select pg_advisory_xact_lock($1)";
 
 impl Head {
@@ -911,6 +1008,7 @@ impl Head {
         mode: Mode,
         scope: Option<&Scope>,
         tables: &Tables,
+        rls: &RlsConfig,
     ) -> Result<Head, Failure> {
         let prep = |sql: String| async move {
             client
@@ -920,8 +1018,8 @@ impl Head {
         };
         Ok(Head {
             immediate: mode == Mode::Checked,
-            set_user: match ctx.user_id {
-                Some(_) => Some(prep(SET_USER.to_owned()).await?),
+            identity: match identity_sql(rls, ctx) {
+                Some((sql, params)) => Some((prep(sql).await?, params)),
                 None => None,
             },
             lock: match scope {
@@ -938,10 +1036,9 @@ impl Head {
     fn futures<'a>(
         &'a self,
         client: &'a Client,
-        ctx: &'a Context,
         scope: &'a Scope,
     ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
-        let mut out = self.begin(client, ctx);
+        let mut out = self.begin(client);
         if let Some(lock) = &self.lock {
             out.push(
                 async move { client.query(lock, &[&scope.lock_key]).await.map(|_| 0) }.boxed(),
@@ -953,7 +1050,6 @@ impl Head {
     fn begin<'a>(
         &'a self,
         client: &'a Client,
-        ctx: &'a Context,
     ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
         let mut out = vec![client.batch_execute("begin").map(|r| r.map(|_| 0)).boxed()];
         if self.immediate {
@@ -964,8 +1060,10 @@ impl Head {
                     .boxed(),
             );
         }
-        if let (Some(st), Some(uid)) = (&self.set_user, &ctx.user_id) {
-            out.push(async move { client.query(st, &[uid]).await.map(|_| 0) }.boxed());
+        if let Some((st, params)) = &self.identity {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            out.push(async move { client.query(st, &params).await.map(|_| 0) }.boxed());
         }
         out
     }
@@ -974,7 +1072,6 @@ impl Head {
 /// Sends the statements (after BEGIN unless the head was sent already) and COMMIT.
 async fn run(
     client: &Client,
-    ctx: &Context,
     head: &Head,
     head_sent: bool,
     stmts: &[Stmt],
@@ -1002,13 +1099,13 @@ async fn run(
         .collect();
     // COMMIT goes in the same pipeline unless row counts must be checked first. If a statement
     // fails, Postgres answers that COMMIT with a rollback, so nothing partial is ever kept.
-    let check_rows = stmts.iter().any(|s| s.expect_rows.is_some());
+    let check_rows = stmts.iter().any(|s| matches!(s.expect, Expect::Rows(_)));
     let commit_in_pipeline = !check_rows && mode != Mode::Sequential;
 
     let head_futs = if head_sent {
         Vec::new()
     } else {
-        head.begin(client, ctx)
+        head.begin(client)
     };
     let head_len = head_futs.len();
     let results: Vec<Result<u64, tokio_postgres::Error>> = if mode == Mode::Sequential {
@@ -1046,10 +1143,11 @@ async fn run(
             }
             Ok(rows) => {
                 if let Some(s) = stmt {
-                    if stmts[s].expect_rows.is_some_and(|want| rows < want) {
+                    if matches!(stmts[s].expect, Expect::Rows(want) if rows < want) {
                         failure = Some(Failure {
                             op: stmts[s].ops.first().copied(),
                             bookkeeping: false,
+                            guard: false,
                             error: None,
                             commit_maybe_sent: false,
                         });
@@ -1081,6 +1179,8 @@ struct Failure {
     op: Option<OpRef>,
     /// A statement of crudgate's own (ledger, rejections) failed.
     bookkeeping: bool,
+    /// An ownership guard found a row of another owner.
+    guard: bool,
     error: Option<tokio_postgres::Error>,
     /// COMMIT was sent, so the transaction may have been committed.
     commit_maybe_sent: bool,
@@ -1091,6 +1191,7 @@ impl Failure {
         Failure {
             op: None,
             bookkeeping: false,
+            guard: false,
             error: None,
             commit_maybe_sent: false,
         }
@@ -1102,9 +1203,14 @@ impl Failure {
         commit_maybe_sent: bool,
     ) -> Self {
         let op = stmt.and_then(|(s, stmts)| stmts[s].ops.first().copied());
+        // A guard fails by dividing by zero, and only then; any other error of it (a lost
+        // connection) keeps its own meaning.
+        let guard = stmt.is_some_and(|(s, stmts)| stmts[s].expect == Expect::Guard)
+            && e.as_db_error().is_some_and(|d| d.code().code() == "22012");
         Failure {
             op,
             bookkeeping: stmt.is_some() && op.is_none(),
+            guard,
             error: Some(e),
             commit_maybe_sent,
         }
@@ -1124,6 +1230,9 @@ impl Failure {
     }
 
     fn disposition(&self) -> Disposition {
+        if self.guard {
+            return Disposition::Reject("UNAUTHORIZED");
+        }
         match (&self.error, self.op) {
             // Our own bookkeeping failing is never the client's fault.
             (Some(e), _) if self.bookkeeping => match classify_error(e) {

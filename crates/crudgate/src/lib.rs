@@ -7,8 +7,8 @@
 //! atomically with bulk statements, and tells temporary failures (retry) from bad data
 //! (acknowledge and reject) so a client's queue is never blocked by mistake.
 //!
-//! The data path, module by module: [`protocol`] (wire) → [`auth`] → [`schema`] → plan
-//! (check, coerce, group) → execute → respond ([`http`]).
+//! The data path, module by module: [`protocol`] (wire) → [`auth`] → [`schema`] → rules
+//! (authorization) → plan (check, coerce, group) → execute → respond ([`http`]).
 //!
 //! Embedding: build an [`Engine`], wrap it with an [`Authenticator`](auth::Authenticator) in an
 //! [`AppState`], and mount [`router`] in your own axum app; or call [`Engine::apply`] directly.
@@ -24,6 +24,7 @@ mod metrics;
 mod plan;
 pub mod protocol;
 pub mod rejections;
+mod rules;
 pub mod schema;
 
 pub use classify::{classify, Disposition};

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::coerce::coerce;
-use crate::config::{EngineConfig, PatchMissing};
+use crate::config::{EngineConfig, PatchMissing, SetValue};
 use crate::protocol::{OpKind, Operation, Transaction};
-use crate::schema::{Catalog, Kind, Table, Unwritable};
+use crate::rules::{Access, Refusal};
+use crate::schema::{Catalog, Kind, Table};
 
 /// Why a client transaction is rejected, and at which of its operations.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,15 +60,24 @@ pub trait WriteHook: Send + Sync + 'static {
 /// One operation, resolved against the catalog, with its values as text for Postgres.
 #[derive(Debug, Clone)]
 pub(crate) struct RowOp {
+    /// What the client may do to the table (and the client's names for messages).
+    pub access: Arc<Access>,
     pub table: Arc<Table>,
     pub kind: OpKind,
     pub key: String,
-    /// Column positions in `table.columns`, ascending, never the key.
+    /// Column positions in `table.columns`, ascending, never the key. Server-set columns with
+    /// a value from the token are among them.
     pub cols: Vec<usize>,
     pub vals: Vec<Option<String>>,
+    /// Columns the database sets (`now()`), ascending, none of them in `cols`.
+    pub db_cols: Vec<usize>,
+    /// For a table with an owner rule: the owner column and the caller's id as its text.
+    pub owner: Option<(usize, String)>,
 }
 
-/// Checks one client transaction against the catalog and normalises its values.
+/// Checks one client transaction against the catalog and the table rules, and normalises
+/// its values. Everything a rule forbids is refused here, before any SQL; only ownership,
+/// which depends on rows, is left to the guards (see `statement`).
 pub(crate) fn prepare(
     catalog: &Catalog,
     tx: &Transaction,
@@ -79,7 +89,7 @@ pub(crate) fn prepare(
         .iter()
         .enumerate()
         .map(|(i, op)| {
-            let row = resolve(catalog, op, cfg).map_err(|r| r.at(i))?;
+            let row = resolve(catalog, op, cfg, ctx).map_err(|r| r.at(i))?;
             for hook in hooks {
                 hook.check(ctx, op).map_err(|r| r.at(i))?;
             }
@@ -88,36 +98,83 @@ pub(crate) fn prepare(
         .collect()
 }
 
-fn resolve(catalog: &Catalog, op: &Operation, cfg: &EngineConfig) -> Result<RowOp, Rejection> {
-    let table = match catalog.table(&op.table) {
-        Ok(t) => t.clone(),
+fn unauthorized(message: String, details: Value) -> Rejection {
+    Rejection::new("UNAUTHORIZED", message, details)
+}
+
+fn resolve(
+    catalog: &Catalog,
+    op: &Operation,
+    cfg: &EngineConfig,
+    ctx: &Context,
+) -> Result<RowOp, Rejection> {
+    let name = shown(&op.table);
+    let access = match catalog.access(&op.table) {
+        Ok(a) => a.clone(),
         Err(why) => {
-            let reason = match why {
-                Some(Unwritable::NoSingleColumnKey) => "has no single-column primary key",
-                None => "is not a table crudgate exposes",
+            let details = json!({ "table": op.table });
+            let mismatch = |reason: &str| {
+                Rejection::new(
+                    "SCHEMA_MISMATCH",
+                    format!("table {name} {reason}"),
+                    details.clone(),
+                )
             };
-            return Err(Rejection::new(
-                "SCHEMA_MISMATCH",
-                format!("table {} {reason}", shown(&op.table)),
-                json!({ "table": op.table }),
-            ));
+            return Err(match why {
+                Refusal::Unlisted => unauthorized(
+                    format!("table {name} is not writable by clients"),
+                    details.clone(),
+                ),
+                Refusal::Missing => mismatch("is not a table crudgate exposes"),
+                Refusal::NoSingleColumnKey => mismatch("has no single-column primary key"),
+                Refusal::BadRule => mismatch("has a write rule that does not match the database"),
+            });
+        }
+    };
+    if !access.allows(op.op) {
+        return Err(unauthorized(
+            format!("{} is not allowed on table {name}", op.op.as_str()),
+            json!({ "table": op.table, "op": op.op.as_str() }),
+        ));
+    }
+    let table = access.table.clone();
+    let owner = match access.owner {
+        None => None,
+        Some(c) => {
+            let col = &table.columns[c];
+            // A user id that cannot be stored in the owner column owns no row there.
+            let id = ctx
+                .user_id
+                .as_ref()
+                .and_then(|u| coerce(&col.kind, &Value::String(u.clone()), cfg.bytea).ok())
+                .flatten();
+            match id {
+                Some(id) => Some((c, id)),
+                None => {
+                    return Err(unauthorized(
+                        format!("table {name} can only be written by an identified owner"),
+                        json!({ "table": op.table }),
+                    ))
+                }
+            }
         }
     };
     let pk = table.pk_column();
     let key = match coerce(&pk.kind, &Value::String(op.id.0.clone()), cfg.bytea) {
         Ok(Some(k)) => k,
-        _ => return Err(invalid(&table, &pk.name, &pk.type_name)),
+        _ => return Err(invalid(&op.table, &access, table.pk)),
     };
     let mut cols = Vec::new();
     let mut vals = Vec::new();
+    let mut db_cols = Vec::new();
     if op.op != OpKind::Delete {
-        let mut given: Vec<(usize, &Value)> = Vec::new();
-        for (name, v) in op.op_data.iter().flatten() {
-            let Some(c) = table.column(name) else {
+        let mut given: Vec<(usize, Option<String>)> = Vec::new();
+        for (cname, v) in op.op_data.iter().flatten() {
+            let Some(c) = access.column(cname) else {
                 return Err(Rejection::new(
                     "SCHEMA_MISMATCH",
-                    format!("table {} has no column {}", shown(&op.table), shown(name)),
-                    json!({ "table": op.table, "column": name }),
+                    format!("table {name} has no column {}", shown(cname)),
+                    json!({ "table": op.table, "column": cname }),
                 ));
             };
             if c == table.pk {
@@ -127,56 +184,113 @@ fn resolve(catalog: &Catalog, op: &Operation, cfg: &EngineConfig) -> Result<RowO
                     return Err(Rejection::new(
                         "INVALID_DATA",
                         format!(
-                            "{} in the data of table {} differs from the operation's id",
-                            shown(name),
-                            shown(&op.table)
+                            "{} in the data of table {name} differs from the operation's id",
+                            shown(cname),
                         ),
-                        json!({ "table": op.table, "column": name }),
+                        json!({ "table": op.table, "column": cname }),
                     ));
                 }
+                continue;
+            }
+            if access.server_set(c).is_some() {
+                // The server's value replaces the client's (a PUT sends every non-null column
+                // of the local row, so the client's copy of e.g. owner_id arrives every time).
                 continue;
             }
             if !table.columns[c].writable {
                 return Err(Rejection::new(
                     "SCHEMA_MISMATCH",
                     format!(
-                        "column {} of table {} is generated and cannot be written",
-                        shown(name),
-                        shown(&op.table)
+                        "column {} of table {name} is generated and cannot be written",
+                        shown(cname),
                     ),
-                    json!({ "table": op.table, "column": name }),
+                    json!({ "table": op.table, "column": cname }),
                 ));
             }
-            given.push((c, v));
+            if !access.may_write(c) {
+                return Err(unauthorized(
+                    format!("column {} of table {name} is not writable", shown(cname)),
+                    json!({ "table": op.table, "column": cname }),
+                ));
+            }
+            let col = &table.columns[c];
+            let text =
+                coerce(&col.kind, v, cfg.bytea).map_err(|_| invalid(&op.table, &access, c))?;
+            given.push((c, text));
+        }
+        // An empty PATCH stays a no-op: refreshing `now()` columns alone would turn a
+        // client's "nothing changed" into a change.
+        let touches = op.op == OpKind::Put || !given.is_empty();
+        for (c, source) in &access.set {
+            match (op.op, source) {
+                (OpKind::Put, SetValue::Claim(path)) => {
+                    let col = &table.columns[*c];
+                    let value = claim(&ctx.claims, path).ok_or_else(|| {
+                        unauthorized(
+                            format!(
+                                "table {name} needs the token claim {:?}, which it lacks",
+                                path.join(".")
+                            ),
+                            json!({ "table": op.table, "claim": path.join(".") }),
+                        )
+                    })?;
+                    let text = coerce(&col.kind, value, cfg.bytea).map_err(|_| {
+                        unauthorized(
+                            format!(
+                                "the token claim {:?} does not fit table {name}",
+                                path.join(".")
+                            ),
+                            json!({ "table": op.table, "claim": path.join(".") }),
+                        )
+                    })?;
+                    given.push((*c, text));
+                }
+                // On PATCH a claim column keeps its value: a PATCH may not re-own a row.
+                (OpKind::Patch, SetValue::Claim(_)) => {}
+                (OpKind::Put | OpKind::Patch, SetValue::Now) if touches => db_cols.push(*c),
+                _ => {}
+            }
         }
         given.sort_by_key(|(c, _)| *c);
-        for (c, v) in given {
-            let col = &table.columns[c];
-            let text = coerce(&col.kind, v, cfg.bytea)
-                .map_err(|_| invalid(&table, &col.name, &col.type_name))?;
+        for (c, text) in given {
             cols.push(c);
             vals.push(text);
         }
     }
     Ok(RowOp {
+        access,
         table,
         kind: op.op,
         key,
         cols,
         vals,
+        db_cols,
+        owner,
     })
 }
 
-fn invalid(table: &Table, column: &str, type_name: &str) -> Rejection {
+/// A claim by its path; null counts as absent.
+fn claim<'v>(claims: &'v Value, path: &[String]) -> Option<&'v Value> {
+    let mut v = claims;
+    for p in path {
+        v = v.get(p)?;
+    }
+    (!v.is_null()).then_some(v)
+}
+
+/// A value that does not fit column `c`, in the client's names.
+fn invalid(client_table: &str, access: &Access, c: usize) -> Rejection {
+    let column = access.client_name(c);
+    let type_name = &access.table.columns[c].type_name;
     Rejection::new(
         "INVALID_DATA",
         format!(
             "invalid value for column {}.{}: expected {}",
-            shown(&table.name),
+            shown(client_table),
             shown(column),
             type_name
         ),
-        json!({ "table": table.name, "column": column, "expected_type": type_name }),
+        json!({ "table": client_table, "column": column, "expected_type": type_name }),
     )
 }
 
@@ -210,6 +324,19 @@ impl Param {
     }
 }
 
+/// What a statement's outcome must be for its operations to stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// Anything but an error.
+    Any,
+    /// At least this many rows touched, else `ROW_NOT_FOUND` (PATCH when a missing row is
+    /// rejected). Checked before COMMIT, which then leaves the pipeline.
+    Rows(u64),
+    /// An ownership guard: it fails (division by zero) when one of its rows belongs to
+    /// someone else, which means `UNAUTHORIZED` for its operations.
+    Guard,
+}
+
 /// One SQL statement over one or more rows, with its parameters.
 #[derive(Debug)]
 pub(crate) struct Stmt {
@@ -217,17 +344,16 @@ pub(crate) struct Stmt {
     pub params: Vec<Param>,
     /// The operations it applies; empty for crudgate's own bookkeeping (ledger, rejections).
     pub ops: Vec<OpRef>,
-    /// Rows the statement must touch (PATCH when a missing row is rejected).
-    pub expect_rows: Option<u64>,
+    pub expect: Expect,
 }
 
-/// A statement per operation, in order (the exact path, and the naive planner). An empty PATCH
+/// Statements per operation, in order (the exact path, and the naive planner). An empty PATCH
 /// needs no statement unless missing rows are rejected.
 pub(crate) fn one_per_op(tx: usize, ops: &[RowOp], cfg: &EngineConfig) -> Vec<Stmt> {
     ops.iter()
         .enumerate()
         .filter(|(_, op)| !is_noop(op, cfg))
-        .filter_map(|(i, op)| statement(&[(OpRef { tx, op: i }, op)], cfg))
+        .flat_map(|(i, op)| statement(&[(OpRef { tx, op: i }, op)], cfg))
         .collect()
 }
 
@@ -268,7 +394,10 @@ pub(crate) fn bulk<'a>(
             keys.clear();
         }
         keys.insert(op.key.as_str());
-        let fits = |g: &Vec<(OpRef, &RowOp)>| g[0].1.kind == op.kind && g[0].1.cols == op.cols;
+        let fits = |g: &Vec<(OpRef, &RowOp)>| {
+            let f = g[0].1;
+            f.kind == op.kind && f.cols == op.cols && f.db_cols == op.db_cols
+        };
         let slot = if op.table.rows_commute {
             window.iter_mut().find(|g| fits(g))
         } else {
@@ -292,51 +421,91 @@ fn canonical_key(t: &Table) -> bool {
         || matches!(pk.type_sql.as_str(), "text" | "character varying")
 }
 
-/// The statement for a group of same-shaped operations on distinct rows.
-fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Option<Stmt> {
-    let first = group.first()?.1;
+/// The statements for a group of same-shaped operations on distinct rows of one table: the
+/// ownership guard when the table has an owner rule, then the statement itself.
+///
+/// Ownership is enforced twice. The guard names the offence: it reads the group's rows that
+/// exist and belong to someone else (or no one) and fails if there is any, so the fast path
+/// falls back and the exact path names the operation, with COMMIT still in the pipeline (a
+/// row count would have to be read before COMMIT, costing a round trip). The statement
+/// itself is also restricted to the caller's rows, so a row whose owner changes between guard
+/// and statement (another transaction committing in between) is still never touched.
+fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Vec<Stmt> {
+    let Some((_, first)) = group.first() else {
+        return Vec::new();
+    };
     let t = &first.table;
     let pk = t.pk_column();
     let n = group.len();
-    let mut params: Vec<Param> = Vec::with_capacity(first.cols.len() + 1);
-    params.push(Param::Texts(
-        group.iter().map(|(_, o)| Some(o.key.clone())).collect(),
-    ));
+    let empty_patch = first.kind == OpKind::Patch && first.cols.is_empty();
+    if empty_patch && cfg.patch_missing == PatchMissing::Ignore {
+        return Vec::new();
+    }
+    let refs: Vec<OpRef> = group.iter().map(|(r, _)| *r).collect();
+    let keys = || Param::Texts(group.iter().map(|(_, o)| Some(o.key.clone())).collect());
+    let mut out = Vec::with_capacity(2);
+    let owner = first.owner.as_ref().map(|(c, id)| (&t.columns[*c], id));
+    if let (Some((col, id)), false) = (owner, empty_patch) {
+        out.push(Stmt {
+            sql: format!(
+                "select 1 / (count(*) = 0)::int from {} where {} = any($1::text[]::{}[]) \
+                 and {} is distinct from $2::text::{}",
+                t.ident, pk.ident, pk.type_sql, col.ident, col.type_sql
+            ),
+            params: vec![keys(), Param::Text(Some(id.clone()))],
+            ops: refs.clone(),
+            expect: Expect::Guard,
+        });
+    }
+    let mut params: Vec<Param> = Vec::with_capacity(first.cols.len() + 2);
+    params.push(keys());
     for c in 0..first.cols.len() {
         params.push(Param::Texts(
             group.iter().map(|(_, o)| o.vals[c].clone()).collect(),
         ));
     }
+    let arrays = params.len();
+    // The caller's id, compared with the owner column, comes after the arrays (a PUT compares
+    // with `excluded` instead, and an unused parameter would have no type).
+    let owner_param = owner.map(|(col, id)| {
+        if first.kind != OpKind::Put {
+            params.push(Param::Text(Some(id.clone())));
+        }
+        (col, arrays + 1)
+    });
     let mut sql = String::new();
-    let mut expect_rows = None;
+    let mut expect = Expect::Any;
     let unnest = |sql: &mut String| {
         sql.push_str(" from unnest(");
-        for i in 0..params.len() {
+        for i in 0..arrays {
             let _ = write!(sql, "{}${}::text[]", if i > 0 { ", " } else { "" }, i + 1);
         }
         sql.push_str(") as _cg_v(");
-        for i in 0..params.len() {
+        for i in 0..arrays {
             let _ = write!(sql, "{}v{i}", if i > 0 { ", " } else { "" });
         }
         sql.push(')');
     };
     match first.kind {
         OpKind::Put => {
-            let _ = write!(sql, "insert into {} ({}", t.ident, pk.ident);
-            for &c in &first.cols {
+            let _ = write!(sql, "insert into {} as _cg_t ({}", t.ident, pk.ident);
+            for &c in first.cols.iter().chain(&first.db_cols) {
                 let _ = write!(sql, ", {}", t.columns[c].ident);
             }
             let _ = write!(sql, ") select v0::{}", pk.type_sql);
             for (i, &c) in first.cols.iter().enumerate() {
                 let _ = write!(sql, ", v{}::{}", i + 1, t.columns[c].type_sql);
             }
+            for _ in &first.db_cols {
+                sql.push_str(", now()");
+            }
             unnest(&mut sql);
             let _ = write!(sql, " on conflict ({}) do ", pk.ident);
-            if first.cols.is_empty() {
+            if first.cols.is_empty() && first.db_cols.is_empty() {
                 sql.push_str("nothing");
             } else {
                 sql.push_str("update set ");
-                for (i, &c) in first.cols.iter().enumerate() {
+                for (i, &c) in first.cols.iter().chain(&first.db_cols).enumerate() {
                     let col = &t.columns[c].ident;
                     let _ = write!(
                         sql,
@@ -344,16 +513,21 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Option<Stmt> {
                         if i > 0 { ", " } else { "" }
                     );
                 }
+                if let Some((col, _)) = owner_param {
+                    // The owner column is server-set, so `excluded` holds the caller's id.
+                    let _ = write!(sql, " where _cg_t.{0} = excluded.{0}", col.ident);
+                }
             }
         }
-        OpKind::Patch if first.cols.is_empty() => {
+        OpKind::Patch if empty_patch => {
             // Only reached when missing rows are rejected: count the rows that exist.
             let _ = write!(
                 sql,
                 "select 1 from {} where {} = any($1::text[]::{}[])",
                 t.ident, pk.ident, pk.type_sql
             );
-            expect_rows = Some(n as u64);
+            params.truncate(1);
+            expect = Expect::Rows(n as u64);
         }
         OpKind::Patch => {
             let _ = write!(sql, "update {} as _cg_t set ", t.ident);
@@ -368,10 +542,20 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Option<Stmt> {
                     col.type_sql
                 );
             }
+            for &c in &first.db_cols {
+                let _ = write!(sql, ", {} = now()", t.columns[c].ident);
+            }
             unnest(&mut sql);
             let _ = write!(sql, " where _cg_t.{} = _cg_v.v0::{}", pk.ident, pk.type_sql);
+            if let Some((col, p)) = owner_param {
+                let _ = write!(
+                    sql,
+                    " and _cg_t.{} = ${p}::text::{}",
+                    col.ident, col.type_sql
+                );
+            }
             if cfg.patch_missing == PatchMissing::Reject {
-                expect_rows = Some(n as u64);
+                expect = Expect::Rows(n as u64);
             }
         }
         OpKind::Delete => {
@@ -380,12 +564,97 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Option<Stmt> {
                 "delete from {} where {} = any($1::text[]::{}[])",
                 t.ident, pk.ident, pk.type_sql
             );
+            if let Some((col, p)) = owner_param {
+                let _ = write!(sql, " and {} = ${p}::text::{}", col.ident, col.type_sql);
+            }
         }
     }
-    Some(Stmt {
+    out.push(Stmt {
         sql,
         params,
-        ops: group.iter().map(|(r, _)| *r).collect(),
-        expect_rows,
-    })
+        ops: refs,
+        expect,
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TableRule;
+    use crate::rules;
+
+    /// Three operations of one kind by one owner, on an owned table.
+    fn owned(kind: OpKind) -> Vec<RowOp> {
+        let table = Arc::new(Table::of_text_columns("lists", &["id", "name", "owner_id"]));
+        let rule = TableRule {
+            owner: Some("owner_id".into()),
+            ..TableRule::default()
+        };
+        let access = Arc::new(rules::resolve("lists", &rule, table.clone()).expect("rule fits"));
+        (0..3)
+            .map(|i| {
+                let (cols, vals) = match kind {
+                    OpKind::Put => (vec![1, 2], vec![Some("n".into()), Some("alice".into())]),
+                    OpKind::Patch => (vec![1], vec![Some("n".into())]),
+                    OpKind::Delete => (vec![], vec![]),
+                };
+                RowOp {
+                    access: access.clone(),
+                    table: table.clone(),
+                    kind,
+                    key: format!("row-{i}"),
+                    cols,
+                    vals,
+                    db_cols: Vec::new(),
+                    owner: Some((2, "alice".into())),
+                }
+            })
+            .collect()
+    }
+
+    fn planned(ops: &[RowOp]) -> Vec<Stmt> {
+        let refs = ops
+            .iter()
+            .enumerate()
+            .map(|(op, row)| (OpRef { tx: 0, op }, row));
+        bulk(refs, &EngineConfig::default())
+    }
+
+    #[test]
+    fn an_owned_group_gets_one_pipelined_guard_and_stays_one_statement() {
+        for kind in [OpKind::Put, OpKind::Patch, OpKind::Delete] {
+            let stmts = planned(&owned(kind));
+            assert_eq!(stmts.len(), 2, "{kind:?}: guard + statement");
+            assert_eq!(stmts[0].expect, Expect::Guard);
+            assert_eq!(stmts[0].ops.len(), 3);
+            assert!(stmts[0].sql.contains("is distinct from"));
+            // No row count to read before COMMIT: COMMIT stays in the same pipeline, so
+            // ownership costs no round trip.
+            assert!(stmts.iter().all(|s| !matches!(s.expect, Expect::Rows(_))));
+            // The statement itself only touches the caller's rows.
+            assert!(stmts[1].sql.contains("\"owner_id\""), "{}", stmts[1].sql);
+        }
+    }
+
+    #[test]
+    fn a_put_on_an_owned_table_never_updates_a_row_of_another_owner() {
+        let stmts = planned(&owned(OpKind::Put));
+        assert!(stmts[1]
+            .sql
+            .ends_with("where _cg_t.\"owner_id\" = excluded.\"owner_id\""));
+        // Every parameter is used (an unused one would have no type).
+        assert_eq!(stmts[1].params.len(), 3);
+    }
+
+    #[test]
+    fn an_unowned_table_gets_no_guard() {
+        let mut ops = owned(OpKind::Patch);
+        for op in &mut ops {
+            op.owner = None;
+        }
+        let stmts = planned(&ops);
+        assert_eq!(stmts.len(), 1);
+        assert_eq!(stmts[0].expect, Expect::Any);
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio_postgres::GenericClient;
 
 use crate::config::EngineConfig;
+use crate::rules::{self, Access, Refusal};
 
 /// How values for a column are checked and normalised before they reach Postgres.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +69,36 @@ impl Table {
     pub fn pk_column(&self) -> &Column {
         &self.columns[self.pk]
     }
+
+    /// A table of text columns, the first being the key (for unit tests of the planner).
+    #[cfg(test)]
+    pub(crate) fn of_text_columns(name: &str, columns: &[&str]) -> Table {
+        let columns: Vec<Column> = columns
+            .iter()
+            .map(|c| Column {
+                name: (*c).to_owned(),
+                ident: quote_ident(c),
+                type_sql: "text".into(),
+                type_full: "text".into(),
+                type_name: "text".into(),
+                kind: Kind::Text,
+                writable: true,
+            })
+            .collect();
+        Table {
+            schema: "public".into(),
+            ident: format!("\"public\".{}", quote_ident(name)),
+            name: name.into(),
+            by_name: columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), i))
+                .collect(),
+            columns,
+            pk: 0,
+            rows_commute: true,
+        }
+    }
 }
 
 /// Why a table exists in Postgres but cannot take client writes.
@@ -76,29 +107,69 @@ pub enum Unwritable {
     NoSingleColumnKey,
 }
 
+/// A server table by schema and name.
+pub(crate) type TableKey = (String, String);
+
+/// The writable tables, and what clients may do to them (see `rules`).
 #[derive(Debug, Default)]
 pub struct Catalog {
-    tables: HashMap<String, Arc<Table>>,
-    unwritable: HashMap<String, Unwritable>,
+    tables: HashMap<TableKey, Arc<Table>>,
+    unwritable: HashMap<TableKey, Unwritable>,
+    /// Client table name → its access, resolved when the catalog loads.
+    clients: HashMap<String, Result<Arc<Access>, Refusal>>,
+    allow_unlisted: bool,
 }
 
 impl Catalog {
-    pub fn table(&self, name: &str) -> Result<&Arc<Table>, Option<&Unwritable>> {
-        self.tables
-            .get(name)
-            .ok_or_else(|| self.unwritable.get(name))
+    /// What a client may do to the table it calls `name`.
+    pub(crate) fn access(&self, name: &str) -> Result<&Arc<Access>, Refusal> {
+        match self.clients.get(name) {
+            Some(Ok(a)) => Ok(a),
+            Some(Err(r)) => Err(r.clone()),
+            None if self.allow_unlisted => Err(Refusal::Missing),
+            None => Err(Refusal::Unlisted),
+        }
     }
 
     pub fn tables(&self) -> impl Iterator<Item = &Arc<Table>> {
         self.tables.values()
     }
 
-    /// Reads the tables of `schemas` (earlier schemas win when a name repeats).
+    pub(crate) fn unwritable_keys(&self) -> impl Iterator<Item = &TableKey> {
+        self.unwritable.keys()
+    }
+
+    /// A loaded table by schema and name.
+    pub(crate) fn get(&self, schema: &str, name: &str) -> Result<&Arc<Table>, Option<&Unwritable>> {
+        let key = (schema.to_owned(), name.to_owned());
+        self.tables
+            .get(&key)
+            .ok_or_else(|| self.unwritable.get(&key))
+    }
+
+    /// The schema of the first of `schemas` holding a table called `name`, writable or not.
+    pub(crate) fn find<'s>(&self, schemas: &'s [String], name: &str) -> Option<&'s str> {
+        schemas.iter().map(String::as_str).find(|s| {
+            let key = (s.to_string(), name.to_owned());
+            self.tables.contains_key(&key) || self.unwritable.contains_key(&key)
+        })
+    }
+
+    /// Reads the tables of the exposed schemas (`schemas`, and those named by table rules),
+    /// then resolves the rules against them.
     pub async fn load(
         client: &impl GenericClient,
         cfg: &EngineConfig,
     ) -> Result<Catalog, tokio_postgres::Error> {
-        let schemas = &cfg.schemas;
+        let mut schemas = cfg.schemas.clone();
+        for rule in cfg.tables.values() {
+            if let Some(s) = &rule.schema {
+                if !schemas.contains(s) {
+                    schemas.push(s.clone());
+                }
+            }
+        }
+        let schemas = &schemas;
         // crudgate's own tables are never client-writable, wherever they are configured to live.
         let own = [
             (
@@ -121,7 +192,7 @@ impl Catalog {
             .collect();
 
         let rows = client.query(CATALOG_SQL, &[&schemas]).await?;
-        let mut per_table: Vec<((String, String), TableRow, Vec<Column>)> = Vec::new();
+        let mut per_table: Vec<(TableKey, TableRow, Vec<Column>)> = Vec::new();
         for r in &rows {
             let schema: String = r.get("nspname");
             let table: String = r.get("relname");
@@ -163,16 +234,15 @@ impl Catalog {
             });
         }
 
-        let mut catalog = Catalog::default();
-        // Rows come ordered by the position of their schema in `schemas`, so the first table
-        // seen under a name is the one that wins.
+        let mut catalog = Catalog {
+            allow_unlisted: cfg.allow_unlisted_tables,
+            ..Catalog::default()
+        };
         for ((schema, name), meta, columns) in per_table {
-            if catalog.tables.contains_key(&name)
-                || catalog.unwritable.contains_key(&name)
-                || own.contains(&(schema.as_str(), name.as_str()))
-            {
+            if own.contains(&(schema.as_str(), name.as_str())) {
                 continue;
             }
+            let key = (schema.clone(), name.clone());
             let pk = match meta.pk.as_deref() {
                 Some([attname]) => columns.iter().position(|c| &c.name == attname),
                 _ => None,
@@ -180,7 +250,7 @@ impl Catalog {
             let Some(pk) = pk else {
                 catalog
                     .unwritable
-                    .insert(name, Unwritable::NoSingleColumnKey);
+                    .insert(key, Unwritable::NoSingleColumnKey);
                 continue;
             };
             let by_name = columns
@@ -191,14 +261,15 @@ impl Catalog {
             let table = Table {
                 ident: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
                 schema,
-                name: name.clone(),
+                name,
                 columns,
                 by_name,
                 pk,
                 rows_commute: meta.rows_commute,
             };
-            catalog.tables.insert(name, Arc::new(table));
+            catalog.tables.insert(key, Arc::new(table));
         }
+        catalog.clients = rules::resolve_all(&catalog, cfg);
         Ok(catalog)
     }
 }
