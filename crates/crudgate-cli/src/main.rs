@@ -1,1 +1,110 @@
-fn main() {}
+//! The crudgate server: loads configuration, sets up logging, binds and serves. Everything
+//! else lives in the `crudgate` library.
+
+mod settings;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use crudgate::auth::{AuthMode, Authenticator};
+use crudgate::{AppState, Engine};
+
+use settings::{Args, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings = Settings::load(&args)?;
+    init_logging(&settings.log_format);
+
+    // Zero configuration: a private throwaway cluster with the demo schema, removed on exit.
+    let (database_url, _cluster) = match settings.database_url.as_deref() {
+        Some(url) if !url.is_empty() => (url.to_owned(), None),
+        _ => {
+            let cluster = tokio::task::spawn_blocking(crudgate_pgtemp::Cluster::start)
+                .await?
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("no database configured, and no throwaway one could be started")?;
+            let url = cluster.url();
+            create_demo_schema(&url).await?;
+            println!("database: {url}");
+            (url, Some(cluster))
+        }
+    };
+    if settings.auth.mode == AuthMode::None {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (auth.mode = \"none\"): anyone who can reach this port can \
+             write to the database. Use it for development only."
+        );
+    }
+    let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+    let engine = Engine::connect(&database_url, settings.engine.clone(), Vec::new()).await?;
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
+    if _cluster.is_some() {
+        println!(
+            "try: curl -s http://{addr}/api/data -H 'content-type: application/json' -d \
+             '{{\"transactions\":[{{\"transaction_id\":1,\"crud\":[{{\"op\":\"PUT\",\"table\":\"lists\",\
+             \"id\":\"8f4c5a0e-0a0b-4c6e-9d1a-2b3c4d5e6f70\",\"op_data\":{{\"name\":\"groceries\"}}}}]}}]}}'"
+        );
+    }
+    tracing::info!(%addr, "crudgate listening");
+
+    spawn_schema_reload_on_sighup(engine.clone());
+    let state = AppState::new(engine, auth);
+    crudgate::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn create_demo_schema(url: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(conn);
+    client.batch_execute(crudgate::DEMO_SCHEMA).await?;
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// `kill -HUP` reloads the catalog after a migration without a restart.
+fn spawn_schema_reload_on_sighup(engine: Engine) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let engine = Arc::new(engine);
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            if let Err(e) = engine.refresh_schema().await {
+                tracing::warn!(error = %e, "schema reload failed");
+            }
+        }
+    });
+}

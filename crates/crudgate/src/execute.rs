@@ -1,0 +1,1117 @@
+//! Applying a request to Postgres.
+//!
+//! The fast path sends all transactions of a request as bulk statements in one database
+//! transaction, pipelined with BEGIN and COMMIT in a single round trip, on the bet that they all
+//! succeed (they nearly always do). When anything in it fails, nothing of it is committed and
+//! the exact path replays the request one client transaction at a time, one statement per
+//! operation, which yields the reference contract's results: the committed prefix, the failing
+//! operation's index, and what was not attempted.
+//!
+//! With a client id, each database transaction first takes the client's advisory lock and
+//! reads the ledger (one more round trip), so replays are answered from it, and records its own
+//! decisions in the same transaction as the data (see `ledger`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::future::{join_all, BoxFuture};
+use futures::FutureExt;
+use rand::Rng;
+use serde_json::{json, Map, Value};
+use tokio_postgres::error::DbError;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+use crate::classify::{classify_error, Disposition};
+use crate::config::{EngineConfig, OnFatal, Planner};
+use crate::ledger::{self, Decided, Scope, Tables, TxKey};
+use crate::metrics::Metrics;
+use crate::plan::{self, Context, OpRef, Param, Rejection, RowOp, Stmt, WriteHook};
+use crate::protocol::{Batch, FailedOperation, Transaction, TxResult};
+use crate::schema::{Catalog, Kind};
+
+/// Why the engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid database URL: {0}")]
+    DatabaseUrl(String),
+    #[error("database pool: {0}")]
+    Pool(String),
+}
+
+/// What became of a request: one result per client transaction, and whether the database was
+/// unavailable before anything was applied (the HTTP layer answers 503 then).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub results: Vec<TxResult>,
+    pub unavailable: bool,
+}
+
+/// The write engine: a connection pool, the catalog and the policies. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    cfg: EngineConfig,
+    tables: Tables,
+    hooks: Vec<Arc<dyn WriteHook>>,
+    catalog: RwLock<Option<Arc<Catalog>>>,
+    last_refresh: Mutex<Option<Instant>>,
+    metrics: Metrics,
+}
+
+/// A client asking for an unknown table may refresh the catalog at most this often.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often old ledger entries are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+impl Engine {
+    /// Builds the engine. The database need not be up yet: the catalog is loaded (and
+    /// crudgate's own tables migrated) on first use, and requests meanwhile are answered as
+    /// temporarily unavailable.
+    pub async fn connect(
+        database_url: &str,
+        cfg: EngineConfig,
+        hooks: Vec<Arc<dyn WriteHook>>,
+    ) -> Result<Engine, StartError> {
+        let mut pg: tokio_postgres::Config = database_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StartError::DatabaseUrl(e.to_string()))?;
+        pg.connect_timeout(cfg.connect_timeout());
+        pg.application_name("crudgate");
+        // UTC so that nothing depends on the server's TimeZone; a statement timeout so a stuck
+        // lock cannot hold a client's upload forever.
+        pg.options(format!(
+            "-c TimeZone=UTC -c statement_timeout={}",
+            cfg.statement_timeout_ms
+        ));
+        let mgr = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size)
+            .wait_timeout(Some(cfg.connect_timeout()))
+            .create_timeout(Some(cfg.connect_timeout()))
+            .recycle_timeout(Some(cfg.connect_timeout()))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StartError::Pool(e.to_string()))?;
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                pool,
+                tables: Tables::new(&cfg),
+                cfg,
+                hooks,
+                catalog: RwLock::new(None),
+                last_refresh: Mutex::new(None),
+                metrics: Metrics::default(),
+            }),
+        };
+        if let Err(e) = engine.refresh_schema().await {
+            tracing::warn!(error = %e, "database not ready yet; will retry on first request");
+        }
+        engine.spawn_pruning();
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.cfg
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The connection pool, for embedders that want to run their own queries alongside.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// Reloads the catalog from Postgres (on demand, and after schema errors). The first load
+    /// also creates or upgrades crudgate's own tables.
+    pub async fn refresh_schema(&self) -> Result<(), String> {
+        *self.inner.last_refresh.lock().expect("not poisoned") = Some(Instant::now());
+        let client = self.inner.pool.get().await.map_err(|e| e.to_string())?;
+        let first = self.inner.catalog.read().expect("not poisoned").is_none();
+        if first {
+            self.inner
+                .tables
+                .migrate(&**client)
+                .await
+                .map_err(|e| format!("migrating crudgate's tables: {e}"))?;
+        }
+        let catalog = Catalog::load(&**client, &self.inner.cfg)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(tables = catalog.tables().count(), "schema loaded");
+        // Statements prepared against the old schema may no longer fit it.
+        self.inner.pool.manager().statement_caches.clear();
+        *self.inner.catalog.write().expect("not poisoned") = Some(Arc::new(catalog));
+        Ok(())
+    }
+
+    /// The database answers and the catalog is loaded.
+    pub async fn ready(&self) -> bool {
+        if self.inner.catalog.read().expect("not poisoned").is_none()
+            && self.refresh_schema().await.is_err()
+        {
+            return false;
+        }
+        match self.inner.pool.get().await {
+            Ok(c) => c.simple_query("select 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    fn spawn_pruning(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PRUNE_INTERVAL).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let engine = Engine { inner };
+                if let Err(e) = engine.prune_ledger().await {
+                    tracing::warn!(error = %e, "ledger pruning failed");
+                }
+            }
+        });
+    }
+
+    /// Forgets ledger entries older than the configured retention; returns how many.
+    pub async fn prune_ledger(&self) -> Result<u64, String> {
+        let client = self.inner.pool.get().await.map_err(|e| e.to_string())?;
+        let n = self
+            .inner
+            .tables
+            .prune(&**client, self.inner.cfg.ledger_retention_hours)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(pruned = n, "ledger pruned");
+        Ok(n)
+    }
+
+    async fn catalog(&self) -> Option<Arc<Catalog>> {
+        if let Some(c) = self.inner.catalog.read().expect("not poisoned").clone() {
+            return Some(c);
+        }
+        self.refresh_schema().await.ok()?;
+        self.inner.catalog.read().expect("not poisoned").clone()
+    }
+
+    /// Refreshes the catalog unless that was done very recently; true if it was refreshed.
+    async fn refresh_throttled(&self) -> bool {
+        let recent = self
+            .inner
+            .last_refresh
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL);
+        !recent && self.refresh_schema().await.is_ok()
+    }
+
+    /// Applies a batch: each client transaction atomically, in order, committed before this
+    /// returns. Runs to completion even if the caller stops waiting (a client that hangs up
+    /// must not leave a half-sent transaction on a pooled connection).
+    pub async fn apply(&self, ctx: Context, batch: Batch) -> Outcome {
+        let engine = self.clone();
+        let n = batch.transactions.len();
+        let task = tokio::spawn(async move { engine.apply_here(&ctx, &batch).await });
+        match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!(error = %e, "apply task failed");
+                let mut results = vec![TxResult::NotAttempted; n];
+                if let Some(r) = results.first_mut() {
+                    *r = retryable(&self.inner.cfg, "internal error; retry later");
+                }
+                Outcome {
+                    results,
+                    unavailable: false,
+                }
+            }
+        }
+    }
+
+    async fn apply_here(&self, ctx: &Context, batch: &Batch) -> Outcome {
+        let m = &self.inner.metrics;
+        Metrics::add(&m.requests_total, 1);
+        let scope = Scope::of(ctx);
+        if scope.is_none() {
+            Metrics::add(&m.requests_without_client_id_total, 1);
+        }
+        let outcome = self.apply_scoped(ctx, batch, scope.as_ref()).await;
+        for r in &outcome.results {
+            let counter = match r {
+                TxResult::Success => &m.transactions_applied_total,
+                TxResult::FatalError { .. } => &m.transactions_rejected_total,
+                TxResult::RetryableError { .. } => &m.retryable_total,
+                TxResult::NotAttempted => continue,
+            };
+            Metrics::add(counter, 1);
+        }
+        outcome
+    }
+
+    async fn apply_scoped(&self, ctx: &Context, batch: &Batch, scope: Option<&Scope>) -> Outcome {
+        let cfg = &self.inner.cfg;
+        let txs = &batch.transactions;
+        let keys: Vec<Option<TxKey>> = match scope {
+            Some(_) => txs.iter().map(TxKey::of).collect(),
+            None => vec![None; txs.len()],
+        };
+        let mut schema_retry = true;
+        loop {
+            let Some(catalog) = self.catalog().await else {
+                return unavailable(txs.len(), cfg, "database unavailable");
+            };
+            let prepare = |catalog: &Catalog| -> Vec<Result<Vec<RowOp>, Rejection>> {
+                txs.iter()
+                    .map(|tx| plan::prepare(catalog, tx, cfg, &self.inner.hooks, ctx))
+                    .collect()
+            };
+            let mut prepared = prepare(&catalog);
+            let unknown_names = prepared
+                .iter()
+                .any(|p| matches!(p, Err(r) if r.code == "SCHEMA_MISMATCH"));
+            if unknown_names && schema_retry && self.refresh_throttled().await {
+                // The table or column may have been created since the catalog was read.
+                schema_retry = false;
+                if let Some(fresh) = self.catalog().await {
+                    prepared = prepare(&fresh);
+                }
+            }
+            let req = Req {
+                ctx,
+                scope,
+                txs,
+                keys: &keys,
+                prepared: &prepared,
+            };
+            if cfg.planner == Planner::Naive {
+                return self.exact_all(&req).await;
+            }
+            match self.with_retries(|| self.fast_attempt(&req)).await {
+                Ok(results) => {
+                    return Outcome {
+                        results,
+                        unavailable: false,
+                    }
+                }
+                Err(f) => match f.disposition() {
+                    Disposition::Unavailable => {
+                        return unavailable(txs.len(), cfg, "database unavailable")
+                    }
+                    Disposition::Temporary | Disposition::RetryHere => {
+                        let mut results = vec![TxResult::NotAttempted; txs.len()];
+                        results[0] = retryable(cfg, &f.summary());
+                        return Outcome {
+                            results,
+                            unavailable: false,
+                        };
+                    }
+                    Disposition::Schema if schema_retry => {
+                        schema_retry = false;
+                        self.refresh_schema().await.ok();
+                    }
+                    Disposition::Schema | Disposition::Reject(_) => {
+                        Metrics::add(&self.inner.metrics.fast_path_fallbacks_total, 1);
+                        return self.exact_all(&req).await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// The answer for a rejected transaction, with `requires_client_handling` per config.
+    fn answer(&self, r: &Rejection) -> TxResult {
+        let client_handles = self.inner.cfg.client_handled_codes.contains(&r.code);
+        TxResult::FatalError {
+            requires_client_handling: client_handles,
+            message: r.message.clone(),
+            failed_operation: FailedOperation {
+                error_code: r.code.clone(),
+                message: r.message.clone(),
+                details: r.details.clone(),
+                operation_index: r.operation_index,
+            },
+        }
+    }
+
+    /// Whether the transactions after this result are left for a later request.
+    fn stops(&self, r: &TxResult) -> bool {
+        match r {
+            TxResult::Success => false,
+            TxResult::FatalError {
+                requires_client_handling,
+                ..
+            } => *requires_client_handling || self.inner.cfg.on_fatal == OnFatal::Stop,
+            TxResult::RetryableError { .. } | TxResult::NotAttempted => true,
+        }
+    }
+
+    /// What to do with transaction `i` given the ledger's decisions.
+    fn plan_tx<'r>(
+        &self,
+        req: &Req<'r>,
+        i: usize,
+        decided: &HashMap<String, Decided>,
+    ) -> TxPlan<'r> {
+        if let Some(key) = &req.keys[i] {
+            if let Some(d) = decided.get(&key.id) {
+                if d.fingerprint == key.fingerprint {
+                    Metrics::add(&self.inner.metrics.transactions_replayed_total, 1);
+                    return TxPlan::Replay(d.outcome.clone());
+                }
+                Metrics::add(&self.inner.metrics.idempotency_conflicts_total, 1);
+                tracing::warn!(
+                    client_id = req.ctx.client_id.as_deref().unwrap_or(""),
+                    "transaction id resent with different content"
+                );
+                return TxPlan::Reject {
+                    rejection: Rejection::new(
+                        "IDEMPOTENCY_CONFLICT",
+                        format!(
+                            "transaction {} was already decided with different content",
+                            key.id
+                        ),
+                        json!({ "transaction_id": key.id }),
+                    ),
+                    // The ledger keeps the first decision; the conflicting one is only recorded
+                    // as a rejection.
+                    ledger: false,
+                };
+            }
+        }
+        match &req.prepared[i] {
+            Ok(ops) => TxPlan::Apply(ops),
+            Err(r) => TxPlan::Reject {
+                rejection: r.clone(),
+                ledger: true,
+            },
+        }
+    }
+
+    /// The writes that record a decision: a rejections row (unless the client handles it) and
+    /// a ledger entry (collected by the caller into one insert).
+    fn record(
+        &self,
+        req: &Req<'_>,
+        i: usize,
+        rejection: &Rejection,
+        ledger: bool,
+    ) -> (TxResult, Option<Stmt>, Option<(usize, TxResult)>) {
+        let answer = self.answer(rejection);
+        if matches!(
+            answer,
+            TxResult::FatalError {
+                requires_client_handling: true,
+                ..
+            }
+        ) {
+            return (answer, None, None);
+        }
+        let params =
+            ledger::rejection_params(req.ctx, req.keys[i].as_ref(), &req.txs[i], rejection);
+        let stmt = Stmt {
+            sql: self.inner.tables.reject_sql(),
+            params: params.into_iter().map(Param::Text).collect(),
+            ops: Vec::new(),
+            expect_rows: None,
+        };
+        let entry = ledger.then(|| (i, answer.clone()));
+        (answer, Some(stmt), entry)
+    }
+
+    /// One insert for all ledger entries of a database transaction.
+    fn ledger_insert(&self, req: &Req<'_>, entries: &[(usize, TxResult)]) -> Option<Stmt> {
+        let scope = req.scope?;
+        let keyed: Vec<(&TxKey, &TxResult)> = entries
+            .iter()
+            .filter_map(|(i, r)| req.keys[*i].as_ref().map(|k| (k, r)))
+            .collect();
+        if keyed.is_empty() {
+            return None;
+        }
+        let col = |f: &dyn Fn(&(&TxKey, &TxResult)) -> String| {
+            Param::Texts(keyed.iter().map(|e| Some(f(e))).collect())
+        };
+        Some(Stmt {
+            sql: self.inner.tables.insert_sql(),
+            params: vec![
+                Param::Text(Some(scope.user_id.clone())),
+                Param::Text(Some(scope.client_id.clone())),
+                col(&|(k, _)| k.id.clone()),
+                col(&|(k, _)| k.fingerprint.clone()),
+                col(&|(_, r)| serde_json::to_string(r).expect("results serialize")),
+            ],
+            ops: Vec::new(),
+            expect_rows: None,
+        })
+    }
+
+    /// The fast path: every transaction up to the first stopping point, in one database
+    /// transaction.
+    async fn fast_attempt(&self, req: &Req<'_>) -> Result<Vec<TxResult>, Failure> {
+        let cfg = &self.inner.cfg;
+        let client = self.connection().await?;
+        let ids: Vec<String> = req.keys.iter().flatten().map(|k| k.id.clone()).collect();
+        let lookup = req.scope.map(|s| (s, ids.as_slice()));
+        self.attempt(&client, req.ctx, Mode::Fast, lookup, |decided| {
+            let mut results = vec![TxResult::NotAttempted; req.txs.len()];
+            let mut writes = Vec::new();
+            let mut entries = Vec::new();
+            let mut runnable = Vec::new();
+            #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
+            for i in 0..req.txs.len() {
+                let answer = match self.plan_tx(req, i, &decided) {
+                    TxPlan::Apply(ops) => {
+                        runnable.push((i, ops));
+                        entries.push((i, TxResult::Success));
+                        TxResult::Success
+                    }
+                    TxPlan::Reject { rejection, ledger } => {
+                        let (answer, write, entry) = self.record(req, i, &rejection, ledger);
+                        writes.extend(write);
+                        entries.extend(entry);
+                        answer
+                    }
+                    TxPlan::Replay(r) => r,
+                };
+                let stop = self.stops(&answer);
+                results[i] = answer;
+                if stop {
+                    break;
+                }
+            }
+            let ops = runnable.iter().flat_map(|&(tx, ops)| {
+                ops.iter()
+                    .enumerate()
+                    .map(move |(op, row)| (OpRef { tx, op }, row))
+            });
+            let mut stmts = plan::bulk(ops, cfg);
+            stmts.extend(writes);
+            stmts.extend(self.ledger_insert(req, &entries));
+            (stmts, results)
+        })
+        .await
+    }
+
+    /// The exact path: one database transaction per client transaction, one statement per
+    /// operation, so that a failure names its operation.
+    async fn exact_all(&self, req: &Req<'_>) -> Outcome {
+        let cfg = &self.inner.cfg;
+        let mut results = vec![TxResult::NotAttempted; req.txs.len()];
+        let mut committed_any = false;
+        #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
+        for i in 0..req.txs.len() {
+            let answer = match self.with_retries(|| self.exact_attempt(req, i, None)).await {
+                Ok(r) => r,
+                Err(f) => match f.disposition() {
+                    Disposition::Unavailable if !committed_any => {
+                        return unavailable(req.txs.len(), cfg, "database unavailable");
+                    }
+                    Disposition::Reject(code) if f.op_failed() => {
+                        let r = self.rejection(code, &f, req, i).await;
+                        self.record_rejection(req, i, r).await
+                    }
+                    Disposition::Schema if f.op_failed() => {
+                        self.refresh_throttled().await;
+                        let r = self.rejection("SCHEMA_MISMATCH", &f, req, i).await;
+                        self.record_rejection(req, i, r).await
+                    }
+                    _ => retryable(cfg, &f.summary()),
+                },
+            };
+            committed_any = true;
+            let stop = self.stops(&answer);
+            if let TxResult::FatalError {
+                failed_operation, ..
+            } = &answer
+            {
+                tracing::info!(
+                    tx = i,
+                    code = %failed_operation.error_code,
+                    op = failed_operation.operation_index,
+                    client_id = req.ctx.client_id.as_deref().unwrap_or(""),
+                    "transaction rejected"
+                );
+            }
+            results[i] = answer;
+            if stop {
+                break;
+            }
+        }
+        Outcome {
+            results,
+            unavailable: false,
+        }
+    }
+
+    /// Records a rejection found by running the transaction (which was rolled back).
+    async fn record_rejection(&self, req: &Req<'_>, i: usize, r: Rejection) -> TxResult {
+        let r = Some(r);
+        match self
+            .with_retries(|| self.exact_attempt(req, i, r.clone()))
+            .await
+        {
+            Ok(answer) => answer,
+            Err(f) => retryable(&self.inner.cfg, &f.summary()),
+        }
+    }
+
+    /// One client transaction in its own database transaction; with `rejected`, only record
+    /// that rejection (unless the ledger shows the transaction was decided meanwhile).
+    async fn exact_attempt(
+        &self,
+        req: &Req<'_>,
+        i: usize,
+        rejected: Option<Rejection>,
+    ) -> Result<TxResult, Failure> {
+        let cfg = &self.inner.cfg;
+        let mode = match cfg.planner {
+            Planner::Naive => Mode::Sequential,
+            Planner::Bulk => Mode::Exact,
+        };
+        let client = self.connection().await?;
+        let ids: Vec<String> = req.keys[i].iter().map(|k| k.id.clone()).collect();
+        let lookup = req.scope.map(|s| (s, ids.as_slice()));
+        self.attempt(&client, req.ctx, mode, lookup, |decided| {
+            let plan = match (self.plan_tx(req, i, &decided), rejected) {
+                (TxPlan::Apply(_), Some(rejection)) => TxPlan::Reject {
+                    rejection,
+                    ledger: true,
+                },
+                (plan, _) => plan,
+            };
+            let mut stmts = Vec::new();
+            let mut entries = Vec::new();
+            let answer = match plan {
+                TxPlan::Apply(ops) => {
+                    stmts = plan::one_per_op(i, ops, cfg);
+                    entries.push((i, TxResult::Success));
+                    TxResult::Success
+                }
+                TxPlan::Reject { rejection, ledger } => {
+                    let (answer, write, entry) = self.record(req, i, &rejection, ledger);
+                    stmts.extend(write);
+                    entries.extend(entry);
+                    answer
+                }
+                TxPlan::Replay(r) => r,
+            };
+            stmts.extend(self.ledger_insert(req, &entries));
+            (stmts, answer)
+        })
+        .await
+    }
+
+    async fn connection(&self) -> Result<Client, Failure> {
+        self.inner.pool.get().await.map_err(|e| {
+            tracing::warn!(error = %e, "no database connection");
+            Failure::no_connection()
+        })
+    }
+
+    /// Runs an attempt, retrying serialization failures and deadlocks with jittered back-off,
+    /// and a lost connection once on a fresh one.
+    async fn with_retries<T, F, Fut>(&self, attempt: F) -> Result<T, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let cfg = &self.inner.cfg;
+        let mut tries = 0;
+        let mut reconnected = false;
+        loop {
+            tries += 1;
+            let f = match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(f) => f,
+            };
+            match f.disposition() {
+                Disposition::RetryHere if tries < cfg.max_attempts => {
+                    let base = 5u64 << tries.min(6);
+                    let ms = rand::thread_rng().gen_range(base / 2..=base * 3 / 2);
+                    tracing::debug!(tries, ms, "serialization failure or deadlock; retrying");
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                // A pooled connection may have died with a restarted server: one more try on a
+                // fresh connection, but only when COMMIT cannot have been processed.
+                Disposition::Unavailable if !reconnected && !f.commit_maybe_sent => {
+                    reconnected = true;
+                    self.inner.pool.retain(|_, _| false);
+                }
+                _ => return Err(f),
+            }
+        }
+    }
+
+    /// One database transaction: BEGIN (with the client's lock and ledger lookup when there
+    /// is a scope, awaited), then the statements `build` makes from the ledger's decisions,
+    /// then COMMIT.
+    async fn attempt<T>(
+        &self,
+        client: &Client,
+        ctx: &Context,
+        mode: Mode,
+        lookup: Option<(&Scope, &[String])>,
+        build: impl FnOnce(HashMap<String, Decided>) -> (Vec<Stmt>, T),
+    ) -> Result<T, Failure> {
+        let head =
+            Head::prepare(client, ctx, mode, lookup.map(|l| l.0), &self.inner.tables).await?;
+        let mut decided = HashMap::new();
+        let head_sent = if let Some((scope, ids)) = lookup {
+            let lookup_stmt = head.lookup.as_ref().expect("prepared with a scope");
+            let ids: Vec<String> = ids.to_vec();
+            let mut futs = head.futures(client, ctx, scope);
+            let lookup_params: [&(dyn ToSql + Sync); 3] = [&scope.user_id, &scope.client_id, &ids];
+            let rows_fut = client.query(lookup_stmt, &lookup_params);
+            let (heads, rows) = futures::join!(join_all(futs.drain(..)), rows_fut);
+            if let Some(e) = heads.into_iter().find_map(Result::err) {
+                let _ = client.batch_execute("rollback").await;
+                return Err(Failure::at(None, e, false));
+            }
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let _ = client.batch_execute("rollback").await;
+                    return Err(Failure::at(None, e, false));
+                }
+            };
+            for row in rows {
+                let outcome: Option<TxResult> = serde_json::from_str(row.get::<_, &str>(2)).ok();
+                if let Some(outcome) = outcome {
+                    decided.insert(
+                        row.get::<_, String>(0),
+                        Decided {
+                            fingerprint: row.get(1),
+                            outcome,
+                        },
+                    );
+                }
+            }
+            true
+        } else {
+            false
+        };
+        let (stmts, value) = build(decided);
+        run(client, ctx, &head, head_sent, &stmts, mode).await?;
+        Ok(value)
+    }
+
+    /// Builds the rejection for a failed exact-path transaction.
+    async fn rejection(&self, code: &str, f: &Failure, req: &Req<'_>, i: usize) -> Rejection {
+        let ops = req.prepared[i].as_deref().unwrap_or(&[]);
+        let op_index = f.op.map(|o| o.op).unwrap_or(0);
+        let op = ops.get(op_index);
+        let table = op.map(|o| o.table.name.clone()).unwrap_or_default();
+        let Some(db) = f.db_error() else {
+            return Rejection {
+                code: code.to_owned(),
+                message: format!(
+                    "row {:?} of table {table:?} does not exist",
+                    op.map(|o| o.key.as_str()).unwrap_or("")
+                ),
+                details: json!({ "table": table }),
+                operation_index: op_index,
+            };
+        };
+        let sqlstate = db.code().code();
+        let mut details = Map::new();
+        details.insert("sqlstate".into(), sqlstate.into());
+        details.insert("table".into(), table.clone().into());
+        for (k, v) in [
+            ("constraint", db.constraint()),
+            ("column", db.column()),
+            ("detail", db.detail()),
+        ] {
+            if let Some(v) = v {
+                details.insert(k.into(), v.into());
+            }
+        }
+        let message = if sqlstate.starts_with("22") {
+            // Postgres' own message repeats the value; name the column and type instead.
+            match self.find_bad_column(op).await {
+                Some((column, ty)) => {
+                    details.insert("column".into(), column.clone().into());
+                    details.insert("expected_type".into(), ty.clone().into());
+                    format!("invalid value for column {table:?}.{column:?}: expected {ty}")
+                }
+                None => format!(
+                    "invalid data for table {table:?}: {}",
+                    data_condition(sqlstate)
+                ),
+            }
+        } else {
+            db.message().to_owned()
+        };
+        tracing::info!(table = %table, sqlstate, constraint = db.constraint().unwrap_or(""), "operation rejected by postgres");
+        Rejection {
+            code: code.to_owned(),
+            message,
+            details: Value::Object(details),
+            operation_index: op_index,
+        }
+    }
+
+    /// Casts each value of a rejected operation on its own to find the one Postgres refused.
+    async fn find_bad_column(&self, op: Option<&RowOp>) -> Option<(String, String)> {
+        let op = op?;
+        let client = self.inner.pool.get().await.ok()?;
+        let t = &op.table;
+        let candidates = std::iter::once((t.pk, Some(op.key.clone())))
+            .chain(op.cols.iter().copied().zip(op.vals.iter().cloned()));
+        for (c, v) in candidates {
+            let col = &t.columns[c];
+            if matches!(
+                col.kind,
+                Kind::Bool | Kind::Uuid | Kind::Enum(_) | Kind::Json
+            ) {
+                continue;
+            }
+            let Some(v) = v else { continue };
+            if let Err(e) = probe(&client, &col.type_full, &v).await {
+                if e.code().is_some_and(|c| c.code().starts_with("22")) {
+                    return Some((col.name.clone(), col.type_name.clone()));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Assigns a value to a column's full type (with its length or precision) the way an INSERT
+/// would, so that overlong text fails too.
+async fn probe(client: &Client, type_full: &str, v: &str) -> Result<(), tokio_postgres::Error> {
+    let sql = format!(
+        "do $probe$ declare x {type_full}; begin x := current_setting('crudgate.probe')::text; end $probe$"
+    );
+    client
+        .execute("select set_config('crudgate.probe', $1, false)", &[&v])
+        .await?;
+    let result = client.batch_execute(&sql).await;
+    // Leave no client value behind on a pooled connection.
+    client.batch_execute("reset crudgate.probe").await?;
+    result
+}
+
+/// The request being applied, shared by its attempts.
+struct Req<'a> {
+    ctx: &'a Context,
+    scope: Option<&'a Scope>,
+    txs: &'a [Transaction],
+    keys: &'a [Option<TxKey>],
+    prepared: &'a [Result<Vec<RowOp>, Rejection>],
+}
+
+enum TxPlan<'a> {
+    Apply(&'a [RowOp]),
+    /// Rejected before any SQL, or an idempotency conflict: record it and answer fatal.
+    Reject {
+        rejection: Rejection,
+        ledger: bool,
+    },
+    /// Decided before: the same answer again, nothing applied.
+    Replay(TxResult),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Bulk statements, BEGIN … COMMIT in one pipeline.
+    Fast,
+    /// One statement per operation, pipelined, constraints checked per statement so that a
+    /// deferred constraint also names its operation.
+    Exact,
+    /// One statement per operation, each awaited: the naive planner.
+    Sequential,
+}
+
+/// The statements every transaction starts with, prepared.
+struct Head {
+    exact: bool,
+    set_user: Option<tokio_postgres::Statement>,
+    lock: Option<tokio_postgres::Statement>,
+    lookup: Option<tokio_postgres::Statement>,
+}
+
+const SET_USER: &str = "select set_config('app.user_id', $1, true)";
+const LOCK: &str = "select pg_advisory_xact_lock($1)";
+
+impl Head {
+    async fn prepare(
+        client: &Client,
+        ctx: &Context,
+        mode: Mode,
+        scope: Option<&Scope>,
+        tables: &Tables,
+    ) -> Result<Head, Failure> {
+        let prep = |sql: String| async move {
+            client
+                .prepare_cached(&sql)
+                .await
+                .map_err(|e| Failure::at(None, e, false))
+        };
+        Ok(Head {
+            exact: mode != Mode::Fast,
+            set_user: match ctx.user_id {
+                Some(_) => Some(prep(SET_USER.to_owned()).await?),
+                None => None,
+            },
+            lock: match scope {
+                Some(_) => Some(prep(LOCK.to_owned()).await?),
+                None => None,
+            },
+            lookup: match scope {
+                Some(_) => Some(prep(tables.lookup_sql()).await?),
+                None => None,
+            },
+        })
+    }
+
+    fn futures<'a>(
+        &'a self,
+        client: &'a Client,
+        ctx: &'a Context,
+        scope: &'a Scope,
+    ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
+        let mut out = self.begin(client, ctx);
+        if let Some(lock) = &self.lock {
+            out.push(
+                async move { client.query(lock, &[&scope.lock_key]).await.map(|_| 0) }.boxed(),
+            );
+        }
+        out
+    }
+
+    fn begin<'a>(
+        &'a self,
+        client: &'a Client,
+        ctx: &'a Context,
+    ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
+        let mut out = vec![client.batch_execute("begin").map(|r| r.map(|_| 0)).boxed()];
+        if self.exact {
+            out.push(
+                client
+                    .batch_execute("set constraints all immediate")
+                    .map(|r| r.map(|_| 0))
+                    .boxed(),
+            );
+        }
+        if let (Some(st), Some(uid)) = (&self.set_user, &ctx.user_id) {
+            out.push(async move { client.query(st, &[uid]).await.map(|_| 0) }.boxed());
+        }
+        out
+    }
+}
+
+/// Sends the statements (after BEGIN unless the head was sent already) and COMMIT.
+async fn run(
+    client: &Client,
+    ctx: &Context,
+    head: &Head,
+    head_sent: bool,
+    stmts: &[Stmt],
+    mode: Mode,
+) -> Result<(), Failure> {
+    let mut prepared = Vec::with_capacity(stmts.len());
+    for (i, r) in join_all(stmts.iter().map(|s| client.prepare_cached(&s.sql)))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match r {
+            Ok(st) => prepared.push(st),
+            Err(e) => {
+                if head_sent {
+                    let _ = client.batch_execute("rollback").await;
+                }
+                return Err(Failure::at(Some((i, stmts)), e, false));
+            }
+        }
+    }
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = stmts
+        .iter()
+        .map(|s| s.params.iter().map(Param::as_sql).collect())
+        .collect();
+    // COMMIT goes in the same pipeline unless row counts must be checked first. If a statement
+    // fails, Postgres answers that COMMIT with a rollback, so nothing partial is ever kept.
+    let check_rows = stmts.iter().any(|s| s.expect_rows.is_some());
+    let commit_in_pipeline = !check_rows && mode != Mode::Sequential;
+
+    let head_futs = if head_sent {
+        Vec::new()
+    } else {
+        head.begin(client, ctx)
+    };
+    let head_len = head_futs.len();
+    let results: Vec<Result<u64, tokio_postgres::Error>> = if mode == Mode::Sequential {
+        let mut out = Vec::new();
+        for f in head_futs {
+            out.push(f.await);
+        }
+        for (st, p) in prepared.iter().zip(&params) {
+            let r = client.execute(st, p).await;
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    } else {
+        let mut all = head_futs;
+        for (st, p) in prepared.iter().zip(&params) {
+            all.push(client.execute(st, p).boxed());
+        }
+        if commit_in_pipeline {
+            all.push(client.batch_execute("commit").map(|r| r.map(|_| 0)).boxed());
+        }
+        join_all(all).await
+    };
+
+    let mut failure = None;
+    for (i, r) in results.into_iter().enumerate() {
+        let stmt = i.checked_sub(head_len).filter(|&s| s < stmts.len());
+        match r {
+            Err(e) => {
+                failure = Some(Failure::at(stmt.map(|s| (s, stmts)), e, commit_in_pipeline));
+                break;
+            }
+            Ok(rows) => {
+                if let Some(s) = stmt {
+                    if stmts[s].expect_rows.is_some_and(|want| rows < want) {
+                        failure = Some(Failure {
+                            op: stmts[s].ops.first().copied(),
+                            bookkeeping: false,
+                            error: None,
+                            commit_maybe_sent: false,
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(f) = failure {
+        if !commit_in_pipeline {
+            // Best effort: a broken connection is discarded by the pool anyway.
+            let _ = client.batch_execute("rollback").await;
+        }
+        return Err(f);
+    }
+    if !commit_in_pipeline {
+        client
+            .batch_execute("commit")
+            .await
+            .map_err(|e| Failure::at(None, e, true))?;
+    }
+    Ok(())
+}
+
+/// A failed attempt: which operation (if a statement of operations failed) and why.
+#[derive(Debug)]
+struct Failure {
+    op: Option<OpRef>,
+    /// A statement of crudgate's own (ledger, rejections) failed.
+    bookkeeping: bool,
+    error: Option<tokio_postgres::Error>,
+    /// COMMIT was sent, so the transaction may have been committed.
+    commit_maybe_sent: bool,
+}
+
+impl Failure {
+    fn no_connection() -> Self {
+        Failure {
+            op: None,
+            bookkeeping: false,
+            error: None,
+            commit_maybe_sent: false,
+        }
+    }
+
+    fn at(
+        stmt: Option<(usize, &[Stmt])>,
+        e: tokio_postgres::Error,
+        commit_maybe_sent: bool,
+    ) -> Self {
+        let op = stmt.and_then(|(s, stmts)| stmts[s].ops.first().copied());
+        Failure {
+            op,
+            bookkeeping: stmt.is_some() && op.is_none(),
+            error: Some(e),
+            commit_maybe_sent,
+        }
+    }
+
+    /// A statement applying client operations failed (so the failure names an operation).
+    fn op_failed(&self) -> bool {
+        self.op.is_some()
+    }
+
+    fn disposition(&self) -> Disposition {
+        match (&self.error, self.op) {
+            // Our own bookkeeping failing is never the client's fault.
+            (Some(e), _) if self.bookkeeping => match classify_error(e) {
+                d @ (Disposition::Unavailable | Disposition::RetryHere) => d,
+                _ => Disposition::Temporary,
+            },
+            (Some(e), _) => classify_error(e),
+            // A statement that touched fewer rows than it had to (PATCH of a missing row).
+            (None, Some(_)) => Disposition::Reject("ROW_NOT_FOUND"),
+            (None, None) => Disposition::Unavailable,
+        }
+    }
+
+    fn db_error(&self) -> Option<&DbError> {
+        self.error.as_ref().and_then(|e| e.as_db_error())
+    }
+
+    /// For logs and retryable messages: the SQLSTATE, never values.
+    fn summary(&self) -> String {
+        match self.db_error() {
+            Some(db) => format!("temporary database error (SQLSTATE {})", db.code().code()),
+            None => "database connection lost".to_owned(),
+        }
+    }
+}
+
+fn retryable(cfg: &EngineConfig, message: &str) -> TxResult {
+    TxResult::RetryableError {
+        message: message.to_owned(),
+        retry_after_ms: cfg.retry_after_ms,
+    }
+}
+
+fn unavailable(n: usize, cfg: &EngineConfig, message: &str) -> Outcome {
+    let mut results = vec![TxResult::NotAttempted; n];
+    if let Some(first) = results.first_mut() {
+        *first = retryable(cfg, message);
+    }
+    Outcome {
+        results,
+        unavailable: true,
+    }
+}
+
+/// Names of data exceptions whose Postgres messages would repeat the value.
+fn data_condition(sqlstate: &str) -> &'static str {
+    match sqlstate {
+        "22001" => "value too long for the column",
+        "22003" => "numeric value out of range",
+        "22P02" => "invalid text representation",
+        "22007" => "invalid datetime format",
+        "22008" => "datetime field out of range",
+        "22004" => "null value not allowed",
+        "22012" => "division by zero",
+        _ => "data exception",
+    }
+}

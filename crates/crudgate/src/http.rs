@@ -1,0 +1,180 @@
+//! The HTTP face: `POST /api/data` in the reference contract, health and readiness.
+
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::execute::Engine;
+use crate::plan::Context;
+use crate::protocol::{parse_batch, Batch, BatchResponse};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    engine: Engine,
+    auth: Arc<Authenticator>,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, auth: Authenticator) -> Self {
+        Self {
+            engine,
+            auth: Arc::new(auth),
+        }
+    }
+}
+
+/// The crudgate routes, ready to be served or nested in an embedder's own router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/data", post(upload))
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// An error answer: `{"message": …}` with the right status.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+    retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+    fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            retry_after_ms: Some(retry_after_ms),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status, Json(json!({ "message": self.message }))).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let secs = ms.div_ceil(1000).max(1);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.engine.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.engine.ready().await {
+        Json(json!({ "status": "ready" })).into_response()
+    } else {
+        ApiError::unavailable("database unavailable or schema not loaded", 1000).into_response()
+    }
+}
+
+async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let identity = authenticate(&state, &parts.headers).await?;
+    let batch = read_batch(&state, body).await?;
+    let client_id = batch.client_id.clone().or_else(|| {
+        parts
+            .headers
+            .get("powersync-client-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let ctx = Context {
+        user_id: identity.user_id,
+        claims: identity.claims,
+        client_id,
+    };
+    let ops: usize = batch.transactions.iter().map(|t| t.crud.len()).sum();
+    let transactions = batch.transactions.len();
+    let client_id = ctx.client_id.clone().unwrap_or_default();
+    let started = std::time::Instant::now();
+    let outcome = state.engine.apply(ctx, batch).await;
+    tracing::debug!(
+        transactions,
+        ops,
+        client_id,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "batch applied"
+    );
+    if outcome.unavailable {
+        return Err(ApiError::unavailable(
+            "database unavailable; nothing was applied",
+            state.engine.config().retry_after_ms,
+        ));
+    }
+    Ok(Json(BatchResponse {
+        results: outcome.results,
+    })
+    .into_response())
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<crate::auth::Identity, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    state.auth.authenticate(header).await.map_err(|e| match e {
+        AuthError::Unauthorized(m) => ApiError::new(StatusCode::UNAUTHORIZED, m),
+        AuthError::Unavailable(m) => ApiError::unavailable(m, state.engine.config().retry_after_ms),
+    })
+}
+
+/// Reads and checks the body: size, JSON shape, and the request limits.
+async fn read_batch(state: &AppState, body: Body) -> Result<Batch, ApiError> {
+    let cfg = state.engine.config();
+    let bytes = to_bytes(body, cfg.body_limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {} bytes", cfg.body_limit),
+        )
+    })?;
+    let batch = parse_batch(&bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.0))?;
+    let txs = batch.transactions.len();
+    if txs == 0 || txs > cfg.max_transactions {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a request carries 1 to {} transactions, this one has {txs}",
+                cfg.max_transactions
+            ),
+        ));
+    }
+    let ops: usize = batch.transactions.iter().map(|t| t.crud.len()).sum();
+    if ops > cfg.max_operations {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a request carries at most {} operations, this one has {ops}",
+                cfg.max_operations
+            ),
+        ));
+    }
+    Ok(batch)
+}

@@ -1,0 +1,269 @@
+//! Exactly-once bookkeeping, in the same Postgres transactions as the data.
+//!
+//! PowerSync delivery is at-least-once: a lost response makes the client send the whole
+//! transaction again. For each (user, client id) the ledger remembers which client transactions
+//! were decided (applied or rejected), with a fingerprint of their content and the answer given.
+//! A replay gets the same answer without touching the data; the same transaction id with other
+//! content is an `IDEMPOTENCY_CONFLICT`. Requests of one client are serialized by a
+//! transaction-scoped advisory lock, so a retry racing its original (on any crudgate instance)
+//! waits for it, while other clients never wait.
+//!
+//! Rejected transactions are also written to the rejections table ("dead letters") so nothing a
+//! client sent is ever lost, even when the answer told it to drop the transaction.
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::GenericClient;
+
+use crate::config::EngineConfig;
+use crate::plan::{Context, Rejection};
+use crate::protocol::{Transaction, TxResult};
+use crate::schema::quote_ident;
+
+/// Where crudgate's own tables live, as quoted SQL names.
+#[derive(Debug, Clone)]
+pub(crate) struct Tables {
+    schema: String,
+    pub ledger: String,
+    pub rejections: String,
+    rejections_schema: String,
+}
+
+impl Tables {
+    pub fn new(cfg: &EngineConfig) -> Self {
+        let schema = quote_ident(&cfg.ledger_schema);
+        Tables {
+            ledger: format!("{schema}.\"ledger\""),
+            rejections: format!(
+                "{}.{}",
+                quote_ident(&cfg.rejections_schema),
+                quote_ident(&cfg.rejections_table)
+            ),
+            rejections_schema: quote_ident(&cfg.rejections_schema),
+            schema,
+        }
+    }
+
+    /// Creates or upgrades crudgate's tables. Versioned, and serialized by an advisory lock so
+    /// that instances starting together do not race.
+    pub async fn migrate(&self, client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
+        let s = &self.schema;
+        client
+            .batch_execute(&format!(
+                "select pg_advisory_lock(7262718201);
+                 create schema if not exists {s};
+                 create table if not exists {s}.\"migrations\" (
+                     version int primary key,
+                     applied_at timestamptz not null default now());"
+            ))
+            .await?;
+        let result = self.apply_migrations(client).await;
+        client
+            .batch_execute("select pg_advisory_unlock(7262718201)")
+            .await?;
+        result
+    }
+
+    async fn apply_migrations(
+        &self,
+        client: &impl GenericClient,
+    ) -> Result<(), tokio_postgres::Error> {
+        let s = &self.schema;
+        let done: i32 = client
+            .query_one(
+                &format!("select coalesce(max(version), 0) from {s}.\"migrations\""),
+                &[],
+            )
+            .await?
+            .get(0);
+        let migrations = [format!(
+            "create table {s}.\"ledger\" (
+                 user_id text not null,
+                 client_id text not null,
+                 transaction_id text not null,
+                 fingerprint text not null,
+                 outcome jsonb not null,
+                 decided_at timestamptz not null default now(),
+                 primary key (user_id, client_id, transaction_id));
+             create index on {s}.\"ledger\" (decided_at);"
+        )];
+        for (i, sql) in migrations.iter().enumerate() {
+            let version = i as i32 + 1;
+            if version <= done {
+                continue;
+            }
+            client
+                .batch_execute(&format!(
+                    "begin; {sql}; insert into {s}.\"migrations\" (version) values ({version}); commit;"
+                ))
+                .await?;
+            tracing::info!(version, "ledger migration applied");
+        }
+        // The rejections table may be moved by configuration (e.g. into the PowerSync
+        // publication's schema), so it is created where configured rather than migrated.
+        let r = &self.rejections;
+        client
+            .batch_execute(&format!(
+                "create schema if not exists {rs};
+                 create table if not exists {r} (
+                     id uuid primary key default gen_random_uuid(),
+                     created_at timestamptz not null default now(),
+                     user_id text,
+                     client_id text,
+                     transaction_id text,
+                     operation_index int not null,
+                     table_name text,
+                     row_id text,
+                     op text,
+                     data jsonb,
+                     previous_values jsonb,
+                     metadata text,
+                     error_code text not null,
+                     message text not null,
+                     details jsonb,
+                     transaction jsonb not null,
+                     replayed_at timestamptz,
+                     replay_result jsonb);
+                 create index if not exists {idx} on {r} (user_id, created_at);",
+                rs = self.rejections_schema,
+                idx = quote_ident("crudgate_rejections_user_created"),
+            ))
+            .await
+    }
+
+    /// Forgets decisions older than the retention period.
+    pub async fn prune(
+        &self,
+        client: &impl GenericClient,
+        retention_hours: u64,
+    ) -> Result<u64, tokio_postgres::Error> {
+        client
+            .execute(
+                &format!(
+                    "delete from {} where decided_at < now() - make_interval(hours => $1::int)",
+                    self.ledger
+                ),
+                &[&(retention_hours.min(i32::MAX as u64) as i32)],
+            )
+            .await
+    }
+
+    pub fn lookup_sql(&self) -> String {
+        format!(
+            "select transaction_id, fingerprint, outcome::text from {}
+              where user_id = $1 and client_id = $2 and transaction_id = any($3::text[])",
+            self.ledger
+        )
+    }
+
+    pub fn insert_sql(&self) -> String {
+        format!(
+            "insert into {} (user_id, client_id, transaction_id, fingerprint, outcome)
+             select $1, $2, t, f, o::jsonb from unnest($3::text[], $4::text[], $5::text[]) as x(t, f, o)",
+            self.ledger
+        )
+    }
+
+    pub fn reject_sql(&self) -> String {
+        format!(
+            "insert into {} (user_id, client_id, transaction_id, operation_index, table_name, row_id,
+                              op, data, previous_values, metadata, error_code, message, details, transaction)
+             values ($1, $2, $3, $4::text::int, $5, $6, $7, $8::text::jsonb, $9::text::jsonb, $10,
+                     $11, $12, $13::text::jsonb, $14::text::jsonb)",
+            self.rejections
+        )
+    }
+}
+
+/// Who the ledger entries belong to: the verified user (empty without auth) and client id.
+#[derive(Debug, Clone)]
+pub(crate) struct Scope {
+    pub user_id: String,
+    pub client_id: String,
+    /// The advisory lock that serializes this client's requests.
+    pub lock_key: i64,
+}
+
+impl Scope {
+    pub fn of(ctx: &Context) -> Option<Scope> {
+        let client_id = ctx.client_id.clone().filter(|c| !c.is_empty())?;
+        let user_id = ctx.user_id.clone().unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(user_id.as_bytes());
+        h.update([0]);
+        h.update(client_id.as_bytes());
+        let digest = h.finalize();
+        let lock_key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+        Some(Scope {
+            user_id,
+            client_id,
+            lock_key,
+        })
+    }
+}
+
+/// A client transaction's ledger identity: its id as text and the fingerprint of its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TxKey {
+    pub id: String,
+    pub fingerprint: String,
+}
+
+impl TxKey {
+    /// None when the transaction has no id: it cannot be deduplicated.
+    pub fn of(tx: &Transaction) -> Option<TxKey> {
+        let id = match tx.transaction_id.as_ref()? {
+            serde_json::Value::Null => return None,
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let content = serde_json::to_vec(&tx.crud).expect("operations serialize");
+        Some(TxKey {
+            id,
+            fingerprint: hex::encode(Sha256::digest(&content)),
+        })
+    }
+}
+
+/// A decision already in the ledger.
+#[derive(Debug, Clone)]
+pub(crate) struct Decided {
+    pub fingerprint: String,
+    pub outcome: TxResult,
+}
+
+/// The text parameters of a rejections-table row.
+pub(crate) fn rejection_params(
+    ctx: &Context,
+    key: Option<&TxKey>,
+    tx: &Transaction,
+    r: &Rejection,
+) -> Vec<Option<String>> {
+    let op = tx.crud.get(r.operation_index);
+    let json = |v: Option<&serde_json::Map<String, serde_json::Value>>| {
+        v.map(|m| serde_json::Value::Object(m.clone()).to_string())
+    };
+    vec![
+        ctx.user_id.clone(),
+        ctx.client_id.clone(),
+        key.map(|k| k.id.clone()).or_else(|| {
+            tx.transaction_id
+                .as_ref()
+                .filter(|v| !v.is_null())
+                .map(|v| v.to_string())
+        }),
+        Some(r.operation_index.to_string()),
+        op.map(|o| o.table.clone()),
+        op.map(|o| o.id.0.clone()),
+        op.map(|o| o.op.as_str().to_owned()),
+        op.and_then(|o| json(o.op_data.as_ref())),
+        op.and_then(|o| json(o.previous_values.as_ref())),
+        op.and_then(|o| o.metadata.as_ref()).map(|m| match m {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }),
+        Some(r.code.clone()),
+        Some(r.message.clone()),
+        Some(r.details.to_string()),
+        Some(serde_json::to_string(&tx.crud).expect("operations serialize")),
+    ]
+}

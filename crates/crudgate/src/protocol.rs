@@ -1,0 +1,154 @@
+//! The wire protocol: PowerSync's reference write API (`POST /api/data`), parsed strictly
+//! enough to name what is wrong with a bad request and leniently enough to accept what real
+//! connectors send (unknown fields are ignored; the op is case-insensitive).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One upload: the client's transactions in queue order.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Batch {
+    /// The PowerSync client id (`db.getClientId()`), when the connector sends one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    pub transactions: Vec<Transaction>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Transaction {
+    /// The client's transaction id; kept as sent (usually an integer).
+    #[serde(default)]
+    pub transaction_id: Option<Value>,
+    pub crud: Vec<Operation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum OpKind {
+    #[serde(rename = "PUT")]
+    Put,
+    #[serde(rename = "PATCH")]
+    Patch,
+    #[serde(rename = "DELETE")]
+    Delete,
+}
+
+impl<'de> Deserialize<'de> for OpKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_uppercase().as_str() {
+            "PUT" => Ok(OpKind::Put),
+            "PATCH" => Ok(OpKind::Patch),
+            "DELETE" => Ok(OpKind::Delete),
+            _ => Err(serde::de::Error::custom(
+                "unknown op: expected PUT, PATCH or DELETE",
+            )),
+        }
+    }
+}
+
+impl OpKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Put => "PUT",
+            OpKind::Patch => "PATCH",
+            OpKind::Delete => "DELETE",
+        }
+    }
+}
+
+/// One queued change.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Operation {
+    pub op: OpKind,
+    pub table: String,
+    pub id: RowId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_data: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_values: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// A row id as sent: PowerSync ids are text, but a number is accepted for integer keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowId(pub String);
+
+impl Serialize for RowId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for RowId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(RowId(s)),
+            Value::Number(n) => Ok(RowId(n.to_string())),
+            _ => Err(serde::de::Error::custom("id must be a string or a number")),
+        }
+    }
+}
+
+/// The outcome of one client transaction, in the reference contract's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum TxResult {
+    Success,
+    RetryableError {
+        message: String,
+        retry_after_ms: u64,
+    },
+    FatalError {
+        requires_client_handling: bool,
+        message: String,
+        failed_operation: FailedOperation,
+    },
+    NotAttempted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedOperation {
+    pub error_code: String,
+    pub message: String,
+    pub details: Value,
+    pub operation_index: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    pub results: Vec<TxResult>,
+}
+
+/// Why a body is not a valid batch: the message names the path, line and column.
+#[derive(Debug)]
+pub struct ParseError(pub String);
+
+/// Parses a request body, naming where it went wrong.
+pub fn parse_batch(body: &[u8]) -> Result<Batch, ParseError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let batch: Batch = serde_path_to_error::deserialize(de).map_err(|e| {
+        let inner = e.inner();
+        let path = e.path().to_string();
+        let at = if path == "." || path.is_empty() {
+            String::new()
+        } else {
+            format!(" at {path}")
+        };
+        ParseError(format!(
+            "invalid request body{at} (line {}, column {}): {}",
+            inner.line(),
+            inner.column(),
+            strip_position(&inner.to_string())
+        ))
+    })?;
+    Ok(batch)
+}
+
+/// serde_json appends " at line L column C" to its messages; we print the position once.
+fn strip_position(msg: &str) -> &str {
+    match msg.rfind(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    }
+}

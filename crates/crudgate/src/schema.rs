@@ -1,0 +1,281 @@
+//! The writable schema, read from `pg_catalog`. Every identifier crudgate puts in SQL comes from
+//! here, quoted; a client's table or column name is only ever used as a lookup key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_postgres::GenericClient;
+
+use crate::config::EngineConfig;
+
+/// How values for a column are checked and normalised before they reach Postgres.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    Bool,
+    Int {
+        bits: u8,
+    },
+    Numeric,
+    Float,
+    Text,
+    Uuid,
+    Json,
+    Bytea,
+    Timestamptz,
+    Enum(Arc<[String]>),
+    Array(Box<Kind>),
+    /// Anything else goes through the type's own text input (date, time, inet, interval, …).
+    Other,
+}
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// The column name, quoted for SQL.
+    pub ident: String,
+    /// The column's type as SQL, without modifiers: values are cast to it from text, and the
+    /// assignment to the column then applies length/precision checks with proper errors.
+    pub type_sql: String,
+    /// The type with its modifiers (`numeric(10,2)`), to find which value overflows.
+    pub type_full: String,
+    /// The type's name as users know it, for messages (`boolean`, `uuid`, `numeric`, …).
+    pub type_name: String,
+    pub kind: Kind,
+    /// Generated and identity-always columns cannot be written by clients.
+    pub writable: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub schema: String,
+    pub name: String,
+    /// `"schema"."table"`.
+    pub ident: String,
+    pub columns: Vec<Column>,
+    by_name: HashMap<String, usize>,
+    /// Index of the single-column primary key in `columns`.
+    pub pk: usize,
+    /// Operations on distinct rows of this table give the same result in any order: no user
+    /// triggers or rules, no unique or exclusion constraint besides the key, no foreign key that
+    /// points back at this table. The planner may regroup such operations.
+    pub rows_commute: bool,
+}
+
+impl Table {
+    pub fn column(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+    pub fn pk_column(&self) -> &Column {
+        &self.columns[self.pk]
+    }
+}
+
+/// Why a table exists in Postgres but cannot take client writes.
+#[derive(Debug, Clone)]
+pub enum Unwritable {
+    NoSingleColumnKey,
+}
+
+#[derive(Debug, Default)]
+pub struct Catalog {
+    tables: HashMap<String, Arc<Table>>,
+    unwritable: HashMap<String, Unwritable>,
+}
+
+impl Catalog {
+    pub fn table(&self, name: &str) -> Result<&Arc<Table>, Option<&Unwritable>> {
+        self.tables
+            .get(name)
+            .ok_or_else(|| self.unwritable.get(name))
+    }
+
+    pub fn tables(&self) -> impl Iterator<Item = &Arc<Table>> {
+        self.tables.values()
+    }
+
+    /// Reads the tables of `schemas` (earlier schemas win when a name repeats).
+    pub async fn load(
+        client: &impl GenericClient,
+        cfg: &EngineConfig,
+    ) -> Result<Catalog, tokio_postgres::Error> {
+        let schemas = &cfg.schemas;
+        // crudgate's own tables are never client-writable, wherever they are configured to live.
+        let own = [
+            (
+                cfg.rejections_schema.as_str(),
+                cfg.rejections_table.as_str(),
+            ),
+            (cfg.ledger_schema.as_str(), "ledger"),
+            (cfg.ledger_schema.as_str(), "migrations"),
+        ];
+        let enum_rows = client
+            .query(
+                "select enumtypid, array_agg(enumlabel::text order by enumsortorder)
+                   from pg_enum group by enumtypid",
+                &[],
+            )
+            .await?;
+        let enums: HashMap<u32, Arc<[String]>> = enum_rows
+            .iter()
+            .map(|r| (r.get::<_, u32>(0), r.get::<_, Vec<String>>(1).into()))
+            .collect();
+
+        let rows = client.query(CATALOG_SQL, &[&schemas]).await?;
+        let mut per_table: Vec<((String, String), TableRow, Vec<Column>)> = Vec::new();
+        for r in &rows {
+            let schema: String = r.get("nspname");
+            let table: String = r.get("relname");
+            let key = (schema.clone(), table.clone());
+            if per_table.last().map(|t| &t.0) != Some(&key) {
+                per_table.push((
+                    key,
+                    TableRow {
+                        pk: r.get("pk"),
+                        rows_commute: r.get("rows_commute"),
+                    },
+                    Vec::new(),
+                ));
+            }
+            let base_oid: u32 = r.get("base_oid");
+            let elem_oid: u32 = r.get("elem_oid");
+            let base_is_enum: bool = r.get("base_is_enum");
+            let elem_is_enum: bool = r.get("elem_is_enum");
+            let base_name: String = r.get("base_name");
+            let kind = if elem_oid != 0 {
+                Kind::Array(Box::new(kind_of(
+                    elem_oid,
+                    elem_is_enum,
+                    &r.get::<_, String>("elem_name"),
+                    &enums,
+                )))
+            } else {
+                kind_of(base_oid, base_is_enum, &base_name, &enums)
+            };
+            let name: String = r.get("attname");
+            per_table.last_mut().expect("pushed above").2.push(Column {
+                ident: quote_ident(&name),
+                name,
+                type_sql: r.get("type_sql"),
+                type_full: r.get("type_full"),
+                type_name: r.get("type_sql"),
+                kind,
+                writable: r.get("writable"),
+            });
+        }
+
+        let mut catalog = Catalog::default();
+        // Rows come ordered by the position of their schema in `schemas`, so the first table
+        // seen under a name is the one that wins.
+        for ((schema, name), meta, columns) in per_table {
+            if catalog.tables.contains_key(&name)
+                || catalog.unwritable.contains_key(&name)
+                || own.contains(&(schema.as_str(), name.as_str()))
+            {
+                continue;
+            }
+            let pk = match meta.pk.as_deref() {
+                Some([attname]) => columns.iter().position(|c| &c.name == attname),
+                _ => None,
+            };
+            let Some(pk) = pk else {
+                catalog
+                    .unwritable
+                    .insert(name, Unwritable::NoSingleColumnKey);
+                continue;
+            };
+            let by_name = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name.clone(), i))
+                .collect();
+            let table = Table {
+                ident: format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+                schema,
+                name: name.clone(),
+                columns,
+                by_name,
+                pk,
+                rows_commute: meta.rows_commute,
+            };
+            catalog.tables.insert(name, Arc::new(table));
+        }
+        Ok(catalog)
+    }
+}
+
+struct TableRow {
+    pk: Option<Vec<String>>,
+    rows_commute: bool,
+}
+
+fn kind_of(oid: u32, is_enum: bool, name: &str, enums: &HashMap<u32, Arc<[String]>>) -> Kind {
+    if is_enum {
+        if let Some(labels) = enums.get(&oid) {
+            return Kind::Enum(labels.clone());
+        }
+    }
+    match oid {
+        16 => Kind::Bool,
+        21 => Kind::Int { bits: 16 },
+        23 => Kind::Int { bits: 32 },
+        20 => Kind::Int { bits: 64 },
+        1700 => Kind::Numeric,
+        700 | 701 => Kind::Float,
+        25 | 1043 | 1042 | 19 => Kind::Text,
+        2950 => Kind::Uuid,
+        114 | 3802 => Kind::Json,
+        17 => Kind::Bytea,
+        1184 => Kind::Timestamptz,
+        _ if name == "citext" => Kind::Text,
+        _ => Kind::Other,
+    }
+}
+
+/// Quotes an identifier for SQL: always, so that no name is ever read as a keyword or syntax.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Columns of ordinary and partitioned tables in the exposed schemas, with what the planner
+/// needs to know about each table. Domains are resolved to their base type for value checks;
+/// values are still cast to the domain so its constraints apply.
+const CATALOG_SQL: &str = r#"
+with recursive dom(oid, base) as (
+    select t.oid, t.oid from pg_type t where t.typtype <> 'd'
+    union all
+    select d.oid, b.base from pg_type d join dom b on d.typbasetype = b.oid where d.typtype = 'd'
+)
+select n.nspname::text as nspname,
+       c.relname::text as relname,
+       a.attname::text as attname,
+       format_type(a.atttypid, null) as type_sql,
+       format_type(a.atttypid, a.atttypmod) as type_full,
+       bt.oid as base_oid,
+       bt.typname::text as base_name,
+       bt.typtype = 'e' as base_is_enum,
+       coalesce(et.oid, 0::oid) as elem_oid,
+       coalesce(et.typname::text, '') as elem_name,
+       coalesce(et.typtype = 'e', false) as elem_is_enum,
+       a.attgenerated = '' and a.attidentity <> 'a' as writable,
+       (select array_agg(ka.attname::text)
+          from pg_constraint k
+          join pg_attribute ka on ka.attrelid = k.conrelid and ka.attnum = any(k.conkey)
+         where k.conrelid = c.oid and k.contype = 'p') as pk,
+       not exists (select 1 from pg_trigger tg where tg.tgrelid = c.oid and not tg.tgisinternal)
+       and not exists (select 1 from pg_rewrite rw where rw.ev_class = c.oid and rw.rulename <> '_RETURN')
+       and not exists (select 1 from pg_index ix where ix.indrelid = c.oid and ix.indisunique and not ix.indisprimary)
+       and not exists (select 1 from pg_constraint k where k.conrelid = c.oid
+                          and (k.contype = 'x' or (k.contype = 'f' and k.confrelid = c.oid)))
+       and not exists (select 1 from pg_constraint k where k.confrelid = c.oid and k.contype = 'f'
+                          and (k.confdeltype not in ('a', 'r') or k.confupdtype not in ('a', 'r')))
+       as rows_commute
+  from pg_class c
+  join pg_namespace n on n.oid = c.relnamespace
+  join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+  join dom on dom.oid = a.atttypid
+  join pg_type bt on bt.oid = dom.base
+  left join pg_type et on bt.typcategory = 'A' and et.oid = bt.typelem and bt.typelem <> 0
+ where c.relkind in ('r', 'p')
+   and n.nspname = any($1)
+ order by array_position($1, n.nspname::text), c.relname, a.attnum
+"#;
