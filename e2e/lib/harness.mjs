@@ -69,7 +69,11 @@ export async function startCrudgate({ databaseUrl, port = 0 } = {}) {
   }
   const args = ['--listen', `127.0.0.1:${port}`, '--auth', 'none'];
   if (databaseUrl) args.push('--database-url', databaseUrl);
-  const proc = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } });
+  // Flags only: no DATABASE_URL / CRUDGATE_CONFIG from the environment may change the setup.
+  const env = { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' };
+  delete env.DATABASE_URL;
+  delete env.CRUDGATE_CONFIG;
+  const proc = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   let output = '';
   const exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
   const started = new Promise((resolve, reject) => {

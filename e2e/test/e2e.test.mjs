@@ -344,7 +344,7 @@ test('a rejected write (foreign key violation) followed by good writes', async (
   });
 });
 
-test('crudgate restarted mid-upload: nothing lost, nothing doubled', async () => {
+test('crudgate restarted mid-upload: nothing lost, nothing doubled', async (t) => {
   // Instance B shares A's database and is killed and restarted on the same port.
   const port = await freePort();
   let b = await startCrudgate({ databaseUrl: server.databaseUrl, port });
@@ -397,8 +397,11 @@ test('crudgate restarted mid-upload: nothing lost, nothing doubled', async () =>
       await client.connect();
 
       await waitFor('crudgate B to be killed mid-upload', () => killed, { timeoutMs: 30_000 });
-      const committedAtKill = (await pgc.query('SELECT count(*)::int AS n FROM todos')).rows[0].n;
+      const idsAtKill = new Set((await pgc.query('SELECT id::text AS id FROM todos')).rows.map((r) => r.id));
+      const committedAtKill = idsAtKill.size;
+      const requestsAtKill = client.requests.length;
       assert.ok(committedAtKill > 0 && committedAtKill < todos.length, `killed mid-upload (${committedAtKill} todos committed)`);
+      t.diagnostic(`killed crudgate B with ${committedAtKill} of ${todos.length} todos committed`);
       // Let the SDK hit the dead server at least once more, then start B again on the same port.
       await waitFor('an upload attempt against the stopped server', () => client.uploadErrors.length >= 2, {
         timeoutMs: 20_000
@@ -406,6 +409,14 @@ test('crudgate restarted mid-upload: nothing lost, nothing doubled', async () =>
       b = await startCrudgate({ databaseUrl: server.databaseUrl, port });
 
       await client.waitUploaded(60_000);
+
+      // The unacknowledged request was sent again, including transactions already committed.
+      const replayed = client.requests
+        .slice(requestsAtKill)
+        .flatMap((r) => r.transactions.flatMap((tx) => tx.crud.map((c) => c.id)))
+        .filter((id) => idsAtKill.has(id));
+      assert.ok(replayed.length > 0, 'committed but unacknowledged transactions were sent again');
+      t.diagnostic(`${replayed.length} already-committed todos were sent again after the restart`);
 
       const total = (await pgc.query('SELECT count(*)::int AS n FROM todos')).rows[0].n;
       assert.equal(total, todos.length, 'nothing lost');
