@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import assert from 'node:assert/strict';
 
 import pg from 'pg';
-import { PowerSyncDatabase, Schema, Table, column } from '@powersync/node';
+import { LogLevels, PowerSyncDatabase, Schema, Table, column, createConsoleLogger } from '@powersync/node';
 import { CrudgateUploader } from '@crudgate/powersync-connector';
 
 // The SDK's HTTP client honours HTTP(S)_PROXY; everything here is on loopback.
@@ -69,10 +69,11 @@ export async function startCrudgate({ databaseUrl, port = 0 } = {}) {
   }
   const args = ['--listen', `127.0.0.1:${port}`, '--auth', 'none'];
   if (databaseUrl) args.push('--database-url', databaseUrl);
-  // Flags only: no DATABASE_URL / CRUDGATE_CONFIG from the environment may change the setup.
+  // Flags only: crudgate reads DATABASE_URL and every CRUDGATE_* variable as configuration (and
+  // refuses unknown keys, e.g. CRUDGATE_BIN), so none of them is passed on.
   const env = { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' };
   delete env.DATABASE_URL;
-  delete env.CRUDGATE_CONFIG;
+  for (const k of Object.keys(env)) if (k.startsWith('CRUDGATE_')) delete env[k];
   const proc = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   let output = '';
   const exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));
@@ -99,13 +100,13 @@ export async function startCrudgate({ databaseUrl, port = 0 } = {}) {
       if (output.length > 200_000) output = output.slice(-100_000);
     });
     exited.then(({ code, signal }) =>
-      reject(new Error(`crudgate exited (code ${code}, signal ${signal}) before listening:\n${output.slice(-4000)}`))
+      reject(new Error(`crudgate exited (code ${code}, signal ${signal}) before listening:\n${excerpt(output)}`))
     );
   });
   let timer;
   const timeout = new Promise((_, reject) => {
     timer = setTimeout(
-      () => reject(new Error(`crudgate did not print "listening on" within 120 s:\n${output.slice(-4000)}`)),
+      () => reject(new Error(`crudgate did not print "listening on" within 120 s:\n${excerpt(output)}`)),
       120_000
     );
   });
@@ -142,6 +143,11 @@ export async function startCrudgate({ databaseUrl, port = 0 } = {}) {
       await exited;
     }
   };
+}
+
+/** The start and end of a long process output. */
+function excerpt(text) {
+  return text.length <= 6000 ? text : `${text.slice(0, 4000)}\n[…]\n${text.slice(-2000)}`;
 }
 
 /** A free TCP port on 127.0.0.1 (bound and released). */
@@ -277,6 +283,8 @@ process.on('exit', () => fs.rmSync(tmpRoot, { recursive: true, force: true }));
 export async function openClient({ schema = AppSchema, syncUrl, crudgateUrl, wrapFetch } = {}) {
   const db = new PowerSyncDatabase({
     schema,
+    // Warnings and errors only; E2E_SDK_LOG=1 shows the SDK's debug log.
+    logger: createConsoleLogger({ minLevel: process.env.E2E_SDK_LOG ? LogLevels.debug : LogLevels.warn }),
     database: { dbFilename: `client-${randomUUID()}.db`, dbLocation: tmpRoot }
   });
   await db.init();
