@@ -344,12 +344,11 @@ test('a rejected write (foreign key violation) followed by good writes', async (
   });
 });
 
-test('crudgate restarted mid-upload: nothing lost, nothing doubled', async (t) => {
-  // Instance B shares A's database and is killed and restarted on the same port.
-  const port = await freePort();
-  let b = await startCrudgate({ databaseUrl: server.databaseUrl, port });
-
-  // Count every row application (insert or update) per todo id.
+/**
+ * Installs a trigger counting every row application (insert or update) per todo id, so a
+ * transaction applied twice shows up as a count of 2.
+ */
+async function installApplyCounter(pgc) {
   await pgc.query(`
     CREATE TABLE IF NOT EXISTS e2e_apply_count (id uuid PRIMARY KEY, n int NOT NULL);
     TRUNCATE e2e_apply_count;
@@ -363,6 +362,29 @@ test('crudgate restarted mid-upload: nothing lost, nothing doubled', async (t) =
     CREATE TRIGGER e2e_count_apply AFTER INSERT OR UPDATE ON public.todos
       FOR EACH ROW EXECUTE FUNCTION e2e_count_apply();
   `);
+}
+
+async function removeApplyCounter(pgc) {
+  await pgc.query('DROP TRIGGER IF EXISTS e2e_count_apply ON public.todos');
+}
+
+/** Asserts `expected` todos exist and each was applied exactly once. */
+async function assertAppliedOnce(pgc, client, expected) {
+  const total = (await pgc.query('SELECT count(*)::int AS n FROM todos')).rows[0].n;
+  assert.equal(total, expected, 'nothing lost');
+  const counted = (await pgc.query('SELECT count(*)::int AS ids FROM e2e_apply_count')).rows[0];
+  const doubled = (await pgc.query('SELECT count(*)::int AS n FROM e2e_apply_count WHERE n > 1')).rows[0].n;
+  assert.equal(counted.ids, expected, 'every todo applied');
+  assert.equal(client.rejections.length, 0, `no rejections (got ${client.rejections.map((r) => r.code)})`);
+  assert.equal(doubled, 0, `nothing applied twice (${doubled} todos were applied more than once: replayed after the lost response)`);
+}
+
+test('crudgate restarted mid-upload: nothing lost, nothing doubled', async (t) => {
+  // Instance B shares A's database and is killed and restarted on the same port.
+  const port = await freePort();
+  let b = await startCrudgate({ databaseUrl: server.databaseUrl, port });
+
+  await installApplyCounter(pgc);
 
   let killed = false;
   const killAt = 4; // kill during the 4th request
@@ -418,20 +440,77 @@ test('crudgate restarted mid-upload: nothing lost, nothing doubled', async (t) =
       assert.ok(replayed.length > 0, 'committed but unacknowledged transactions were sent again');
       t.diagnostic(`${replayed.length} already-committed todos were sent again after the restart`);
 
-      const total = (await pgc.query('SELECT count(*)::int AS n FROM todos')).rows[0].n;
-      assert.equal(total, todos.length, 'nothing lost');
-      const counted = (await pgc.query('SELECT count(*)::int AS ids, coalesce(max(n), 0) AS max_n FROM e2e_apply_count')).rows[0];
-      const doubled = (await pgc.query('SELECT count(*)::int AS n FROM e2e_apply_count WHERE n > 1')).rows[0].n;
-      assert.equal(counted.ids, todos.length, 'every todo applied');
-      assert.equal(client.rejections.length, 0, `no rejections (got ${client.rejections.map((r) => r.code)})`);
-      assert.equal(doubled, 0, `nothing applied twice (${doubled} todos were applied more than once: replayed after the lost response)`);
+      await assertAppliedOnce(pgc, client, todos.length);
 
       const counts = await assertSameRows(client, pgc);
       assert.deepEqual(counts, { lists: 1, todos: todos.length });
       await assertQueueEmpty(client);
     });
   } finally {
-    await pgc.query('DROP TRIGGER IF EXISTS e2e_count_apply ON public.todos');
+    await removeApplyCounter(pgc);
+    await b.stop();
+  }
+});
+
+test('crudgate killed while its transaction waits on a lock: nothing lost, nothing doubled', async (t) => {
+  const port = await freePort();
+  let b = await startCrudgate({ databaseUrl: server.databaseUrl, port });
+  await installApplyCounter(pgc);
+  // A second session holds a lock that blocks inserts into todos, so crudgate's first upload
+  // stops inside its database transaction; crudgate is killed there, then the lock released.
+  const locker = await pgConnect(server.databaseUrl);
+  let lockHeld = false;
+  try {
+    await withClient({ crudgateUrl: b.url }, async (client) => {
+      const { db } = client;
+      const { todos } = await offlineWrites(db, 200);
+      await locker.query('BEGIN');
+      await locker.query('LOCK TABLE public.todos IN SHARE ROW EXCLUSIVE MODE');
+      lockHeld = true;
+      await client.connect();
+
+      await waitFor(
+        'crudgate to block on the lock inside its transaction',
+        async () =>
+          (
+            await pgc.query(
+              `SELECT count(*)::int AS n FROM pg_stat_activity
+                WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() AND datname = current_database()`
+            )
+          ).rows[0].n > 0,
+        { timeoutMs: 20_000, intervalMs: 20 }
+      );
+      await b.kill();
+      await locker.query('ROLLBACK');
+      lockHeld = false;
+      // The blocked backend notices its client is gone; wait until nothing waits any more.
+      await waitFor('the dead connection\'s backend to finish', async () =>
+        (
+          await pgc.query(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() AND datname = current_database()`
+          )
+        ).rows[0].n === 0
+      );
+      const committedAtKill = (await pgc.query('SELECT count(*)::int AS n FROM todos')).rows[0].n;
+      t.diagnostic(`${committedAtKill} of ${todos.length} todos committed by the killed instance`);
+      assert.ok(committedAtKill < todos.length, 'killed before the upload finished');
+
+      await waitFor('an upload attempt against the stopped server', () => client.uploadErrors.length >= 1, {
+        timeoutMs: 20_000
+      });
+      b = await startCrudgate({ databaseUrl: server.databaseUrl, port });
+      await client.waitUploaded(60_000);
+
+      await assertAppliedOnce(pgc, client, todos.length);
+      const counts = await assertSameRows(client, pgc);
+      assert.deepEqual(counts, { lists: 1, todos: todos.length });
+      await assertQueueEmpty(client);
+    });
+  } finally {
+    if (lockHeld) await locker.query('ROLLBACK').catch(() => {});
+    await locker.end();
+    await removeApplyCounter(pgc);
     await b.stop();
   }
 });
