@@ -10,13 +10,16 @@ use clap::Parser;
 use crudgate::auth::{AuthMode, Authenticator};
 use crudgate::{AppState, Engine};
 
-use settings::{Args, Settings};
+use settings::{Args, Command, RejectionsCommand, Settings};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(&args)?;
     init_logging(&settings.log_format);
+    if let Some(Command::Rejections(cmd)) = &args.command {
+        return rejections(&settings, cmd).await;
+    }
 
     // Zero configuration: a private throwaway cluster with the demo schema, removed on exit.
     let (database_url, _cluster) = match settings.database_url.as_deref() {
@@ -58,6 +61,84 @@ async fn main() -> anyhow::Result<()> {
     let state = AppState::new(engine, auth);
     crudgate::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The operator commands on the rejections table of a configured database.
+async fn rejections(settings: &Settings, cmd: &RejectionsCommand) -> anyhow::Result<()> {
+    let url = settings
+        .database_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .context("rejections commands need --database-url (or DATABASE_URL)")?;
+    let engine = Engine::connect(url, settings.engine.clone(), Vec::new()).await?;
+    match cmd {
+        RejectionsCommand::List {
+            user,
+            table,
+            code,
+            since,
+            limit,
+            json,
+        } => {
+            let filter = crudgate::rejections::Filter {
+                user_id: user.clone(),
+                table: table.clone(),
+                code: code.clone(),
+                since_secs: *since,
+                limit: Some(*limit),
+            };
+            let rows = engine
+                .list_rejections(&filter)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if *json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!(
+                    "{:<36}  {:<24}  {:<12}  {:<8}  {:>3}  {:<16}  {:<6}  {:<22}  message",
+                    "id", "created_at", "user", "tx", "op#", "table", "op", "code"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<36}  {:<24}  {:<12}  {:<8}  {:>3}  {:<16}  {:<6}  {:<22}  {}",
+                        r.id,
+                        r.created_at,
+                        r.user_id.as_deref().unwrap_or("-"),
+                        r.transaction_id.as_deref().unwrap_or("-"),
+                        r.operation_index,
+                        r.table_name.as_deref().unwrap_or("-"),
+                        r.op.as_deref().unwrap_or("-"),
+                        r.error_code,
+                        r.message
+                    );
+                }
+            }
+        }
+        RejectionsCommand::Replay { ids } => {
+            let mut failed = false;
+            for id in ids {
+                let result = engine
+                    .replay_rejection(id)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                failed |= !matches!(result, crudgate::protocol::TxResult::Success);
+                println!("{id} {}", serde_json::to_string(&result)?);
+            }
+            if failed {
+                std::process::exit(1);
+            }
+        }
+        RejectionsCommand::Purge { older_than } => {
+            let n = engine
+                .purge_rejections(*older_than)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("purged {n} rejections");
+        }
+    }
     Ok(())
 }
 

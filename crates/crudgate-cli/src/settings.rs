@@ -25,6 +25,63 @@ pub struct Args {
     /// Authentication mode: `jwt` or `none` (development only).
     #[arg(long, value_parser = ["none", "jwt"])]
     pub auth: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Inspect, replay or purge rejected transactions (the dead-letter table).
+    #[command(subcommand)]
+    Rejections(RejectionsCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RejectionsCommand {
+    /// List rejections, newest first.
+    List {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        table: Option<String>,
+        #[arg(long)]
+        code: Option<String>,
+        /// Only those younger than this (e.g. 30m, 24h, 7d).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply stored rejected transactions again and record the new outcome.
+    Replay {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete rejections older than a duration (e.g. 30d).
+    Purge {
+        #[arg(long, value_parser = parse_duration)]
+        older_than: u64,
+    },
+}
+
+/// `90s`, `30m`, `24h`, `7d` (or plain seconds) as seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s:?}"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(format!("unknown unit in {s:?}: use s, m, h, d or w")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("duration too large: {s:?}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +129,7 @@ impl Settings {
             set_path(&mut doc, &path, env_value(&value))
                 .with_context(|| format!("environment variable {key}"))?;
         }
+        let auth_in_file_or_env = doc.contains_key("auth");
         let mut settings: Settings = toml::Value::Table(doc)
             .try_into()
             .context("invalid configuration")?;
@@ -91,9 +149,7 @@ impl Settings {
         // The throwaway demo database is for trying crudgate out: without an explicit auth
         // setting it runs without authentication (and says so loudly at start).
         let embedded = settings.database_url.as_deref().is_none_or(str::is_empty);
-        let auth_chosen = args.auth.is_some()
-            || std::env::var_os("CRUDGATE_AUTH__MODE").is_some()
-            || args.config.is_some();
+        let auth_chosen = args.auth.is_some() || auth_in_file_or_env;
         if embedded && !auth_chosen {
             settings.auth.mode = AuthMode::None;
         }

@@ -127,6 +127,10 @@ impl Engine {
         &self.inner.cfg
     }
 
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.inner.tables
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }

@@ -23,6 +23,7 @@ mod ledger;
 mod metrics;
 mod plan;
 pub mod protocol;
+pub mod rejections;
 pub mod schema;
 
 pub use classify::{classify, Disposition};
