@@ -66,12 +66,13 @@ export interface WireOperation {
   id: string;
   op: string;
   table: string;
-  transaction_id: number;
+  /** Absent when the SDK recorded the change without a transaction id. */
+  transaction_id?: number;
   /**
    * The SDK's local operation id (`CrudEntry.clientId`). An extra field beyond the reference
    * contract (servers ignore unknown fields); with `client_id` it uniquely names the operation.
    */
-  op_id: number;
+  op_id?: number;
   op_data?: Record<string, unknown>;
   previous_values?: Record<string, unknown>;
   metadata?: string;
@@ -79,7 +80,11 @@ export interface WireOperation {
 
 /** One transaction as sent in the request body. */
 export interface WireTransaction {
-  transaction_id: number;
+  /**
+   * The SDK's local transaction id; servers deduplicate replays by (client_id, transaction_id).
+   * Absent when the SDK has none (such a transaction cannot be deduplicated).
+   */
+  transaction_id?: number;
   crud: WireOperation[];
 }
 
@@ -474,23 +479,23 @@ export class CrudgateUploader {
 
 /** Maps one SDK transaction to the wire shape. */
 export function toWireTransaction(tx: CrudTransactionLike): WireTransaction {
-  const first = tx.crud[0];
-  const txId = tx.transactionId ?? first?.transactionId ?? first?.clientId ?? 0;
-  return {
-    transaction_id: txId,
-    crud: tx.crud.map((entry) => toWireOperation(entry, txId))
-  };
+  // Never invent an id: a made-up one could equal a real transaction id of this client and
+  // make the server take a different transaction for a replay.
+  const txId = tx.transactionId ?? tx.crud[0]?.transactionId;
+  const crud = tx.crud.map((entry) => toWireOperation(entry, txId));
+  return txId === undefined || txId === null ? { crud } : { transaction_id: txId, crud };
 }
 
 /** Maps one SDK `CrudEntry` to the wire shape, omitting absent fields. */
-export function toWireOperation(entry: CrudEntryLike, fallbackTxId: number): WireOperation {
+export function toWireOperation(entry: CrudEntryLike, fallbackTxId?: number): WireOperation {
   const op: WireOperation = {
     id: entry.id,
     op: entry.op,
-    table: entry.table,
-    transaction_id: entry.transactionId ?? fallbackTxId,
-    op_id: entry.clientId
+    table: entry.table
   };
+  const txId = entry.transactionId ?? fallbackTxId;
+  if (txId !== undefined && txId !== null) op.transaction_id = txId;
+  op.op_id = entry.clientId;
   if (entry.opData != null) op.op_data = entry.opData;
   if (entry.previousValues != null) op.previous_values = entry.previousValues;
   if (entry.metadata != null) op.metadata = entry.metadata;

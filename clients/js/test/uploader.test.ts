@@ -233,6 +233,24 @@ test('request body and headers follow the contract', async () => {
   });
 });
 
+test('a transaction without an id is sent without transaction_id (never an invented one)', async () => {
+  await withServer([ok(1)], async (url, received) => {
+    const q = new FakeQueue(false);
+    q.add(2, 'todos', { transactionId: undefined });
+    (q.queue[0] as { transactionId?: number }).transactionId = undefined;
+    await uploader(url).uploadData(q);
+    const tx = received[0]!.body.transactions[0]!;
+    assert.equal('transaction_id' in tx, false);
+    assert.deepEqual(
+      tx.crud.map((c) => ['transaction_id' in c, c.op_id]),
+      [
+        [false, 1],
+        [false, 2]
+      ]
+    );
+  });
+});
+
 test('packs at most maxTransactions per request', async () => {
   await withServer(successFor, async (url, received) => {
     const q = new FakeQueue();
