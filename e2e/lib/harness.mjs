@@ -6,7 +6,7 @@ import http from 'node:http';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { randomUUID } from 'node:crypto';
+import { createHmac, randomUUID } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import assert from 'node:assert/strict';
 
@@ -62,12 +62,13 @@ export async function waitFor(what, check, { timeoutMs = 30_000, intervalMs = 50
  * Starts crudgate. Without `databaseUrl` it runs zero-config (its own throwaway Postgres) and
  * reports the URL. Resolves once it prints `listening on http://…`.
  */
-export async function startCrudgate({ databaseUrl, port = 0 } = {}) {
+export async function startCrudgate({ databaseUrl, port = 0, configFile } = {}) {
   const bin = crudgateBin();
   if (!fs.existsSync(bin)) {
     throw new Error(`crudgate binary not found at ${bin} (build it with cargo build -p crudgate-cli, or set CRUDGATE_BIN)`);
   }
-  const args = ['--listen', `127.0.0.1:${port}`, '--auth', 'none'];
+  // With a configuration file its [auth] section decides; otherwise --auth none.
+  const args = ['--listen', `127.0.0.1:${port}`, ...(configFile ? ['--config', configFile] : ['--auth', 'none'])];
   if (databaseUrl) args.push('--database-url', databaseUrl);
   // Flags only: crudgate reads DATABASE_URL and every CRUDGATE_* variable as configuration (and
   // refuses unknown keys, e.g. CRUDGATE_BIN), so none of them is passed on.
@@ -280,7 +281,7 @@ process.on('exit', () => fs.rmSync(tmpRoot, { recursive: true, force: true }));
  * Opens a fresh local database and a connector uploading to `crudgateUrl` through
  * @crudgate/powersync-connector. `wrapFetch(fetch)` lets a test intercept requests.
  */
-export async function openClient({ schema = AppSchema, syncUrl, crudgateUrl, wrapFetch } = {}) {
+export async function openClient({ schema = AppSchema, syncUrl, crudgateUrl, wrapFetch, getToken } = {}) {
   const db = new PowerSyncDatabase({
     schema,
     // Warnings and errors only; E2E_SDK_LOG=1 shows the SDK's debug log.
@@ -305,7 +306,7 @@ export async function openClient({ schema = AppSchema, syncUrl, crudgateUrl, wra
   };
   const uploader = new CrudgateUploader({
     url: `${crudgateUrl}/api/data`,
-    getToken: async () => DEV_TOKEN,
+    getToken: getToken ?? (async () => DEV_TOKEN),
     onRejected: (r) => {
       rejections.push(r);
     },
@@ -440,3 +441,17 @@ export async function assertQueueEmpty(client) {
 
 export const ts = (offsetMs = 0) => new Date(Date.UTC(2025, 0, 1, 12, 0, 0) + offsetMs).toISOString();
 export const uuid = () => randomUUID();
+
+/** Writes a file in the suite's temporary folder; returns its path. */
+export function writeTempFile(name, content) {
+  const p = path.join(tmpRoot, name);
+  fs.writeFileSync(p, content);
+  return p;
+}
+
+/** An HS256 JWT over `claims`, signed with `secret` (a Buffer). */
+export function signHs256(claims, secret) {
+  const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
+  const input = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${input}.${createHmac('sha256', secret).update(input).digest('base64url')}`;
+}

@@ -4,6 +4,7 @@
 
 import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 
 import {
   TrackingSchema,
@@ -12,12 +13,14 @@ import {
   freePort,
   openClient,
   pgConnect,
+  signHs256,
   startCrudgate,
   startSyncStandIn,
   truncateAll,
   ts,
   uuid,
-  waitFor
+  waitFor,
+  writeTempFile
 } from '../lib/harness.mjs';
 
 let server; // zero-config crudgate: owns the throwaway Postgres
@@ -511,6 +514,45 @@ test('crudgate killed while its transaction waits on a lock: nothing lost, nothi
     if (lockHeld) await locker.query('ROLLBACK').catch(() => {});
     await locker.end();
     await removeApplyCounter(pgc);
+    await b.stop();
+  }
+});
+
+test('bearer token refreshed after a 401 (crudgate verifying JWTs)', async () => {
+  const secret = randomBytes(32);
+  const configFile = writeTempFile(
+    'jwt.toml',
+    `[auth]\nmode = "jwt"\naudiences = ["crudgate-e2e"]\nhs256_secret = "${secret.toString('base64url')}"\n`
+  );
+  const b = await startCrudgate({ databaseUrl: server.databaseUrl, configFile });
+  const now = Math.floor(Date.now() / 1000);
+  const token = (iat) => signHs256({ sub: 'user-1', aud: 'crudgate-e2e', iat, exp: iat + 600 }, secret);
+  const calls = [];
+  // The app's cached token has expired; a refresh gets a valid one.
+  const getToken = async ({ refresh }) => {
+    calls.push(refresh);
+    return refresh ? token(now) : token(now - 3600);
+  };
+  try {
+    await withClient({ crudgateUrl: b.url, getToken }, async (client) => {
+      const { db } = client;
+      const list = uuid();
+      await insertList(db, list, 'authenticated');
+      await insertTodo(db, uuid(), list, 'with a fresh token');
+      await client.connect();
+      await client.waitUploaded();
+
+      assert.deepEqual(calls.slice(0, 2), [false, true], 'getToken, then getToken({refresh: true}) after the 401');
+      assert.deepEqual(
+        client.responses.slice(0, 2).map((r) => r.status),
+        [401, 200]
+      );
+      const counts = await assertSameRows(client, pgc);
+      assert.deepEqual(counts, { lists: 1, todos: 1 });
+      assert.deepEqual(client.rejections, []);
+      await assertQueueEmpty(client);
+    });
+  } finally {
     await b.stop();
   }
 });
