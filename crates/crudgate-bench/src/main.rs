@@ -30,6 +30,10 @@ struct Args {
     /// built with `cargo build --release -p crudgate-cli` when missing).
     #[arg(long)]
     crudgate_bin: Option<PathBuf>,
+    /// Diagnosis only: run the cluster with fsync off to see CPU costs without commit
+    /// latency. The targets are judged on durable runs.
+    #[arg(long)]
+    non_durable: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +50,7 @@ fn main() -> std::process::ExitCode {
         seed: args.seed,
         rss: !args.no_rss,
         crudgate_bin: args.crudgate_bin,
+        durable: !args.non_durable,
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(&opts)) {
