@@ -47,6 +47,8 @@ pub struct Options {
     /// Keep fsync on (the default and the only setting the targets are judged on); off shows
     /// the CPU cost alone.
     pub durable: bool,
+    /// Only these workloads (`W1`, `W1b`, `W2`, `W3`); all when empty.
+    pub only: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,6 +110,8 @@ pub struct PeakRss {
     pub median_vmhwm_kib: u64,
     pub median_vmhwm_mib: f64,
     pub median_ops_per_s: f64,
+    /// User + system CPU time of the crudgate process per operation (µs).
+    pub median_server_cpu_us_per_op: f64,
     pub runs_vmhwm_kib: Vec<u64>,
 }
 
@@ -171,6 +175,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         spec("W3", Mode::Crudgate, 4, 1, 1),
         spec("W3", Mode::Raw, 3, 1, 1),
     ];
+    let specs: Vec<Spec> = specs
+        .into_iter()
+        .filter(|s| {
+            opts.only.is_empty() || opts.only.iter().any(|w| w.eq_ignore_ascii_case(s.workload))
+        })
+        .collect();
 
     let durable = opts.durable;
     eprintln!(
@@ -278,23 +288,27 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         let want = load.expected();
         let mut hwms = Vec::new();
         let mut rates = Vec::new();
+        let mut cpu = Vec::new();
         for run in 0..opts.runs {
             let (name, url) = ctx.fresh(&load).await?;
-            let (hwm, sample) = rss::measure(&bin, &url, http::requests(&load, 1000, 1000))
+            let (usage, sample) = rss::measure(&bin, &url, http::requests(&load, 1000, 1000))
                 .await
                 .context("peak RSS measurement")?;
             db::verify(&url, &want)
                 .await
                 .context("peak RSS measurement")?;
             db::drop_database(&ctx.admin, &name).await?;
+            let cpu_us_per_op = usage.cpu_ms * 1000.0 / sample.ops as f64;
             eprintln!(
-                "run {}/{}: RSS binary 8 clients × 1,000-op requests: VmHWM {:.1} MiB, {:.0} ops/s (verified)",
+                "run {}/{}: RSS binary 8 clients × 1,000-op requests: VmHWM {:.1} MiB, {:.0} ops/s, server CPU {:.2} µs/op (verified)",
                 run + 1,
                 opts.runs,
-                hwm as f64 / 1024.0,
-                sample.ops_per_s
+                usage.vmhwm_kib as f64 / 1024.0,
+                sample.ops_per_s,
+                cpu_us_per_op
             );
-            hwms.push(hwm);
+            hwms.push(usage.vmhwm_kib);
+            cpu.push(cpu_us_per_op);
             rates.push(sample.ops_per_s);
         }
         let mut sorted = hwms.clone();
@@ -308,6 +322,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             median_vmhwm_kib: med,
             median_vmhwm_mib: med as f64 / 1024.0,
             median_ops_per_s: median(rates),
+            median_server_cpu_us_per_op: median(cpu),
             runs_vmhwm_kib: hwms,
         })
     } else {
@@ -463,7 +478,7 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "crudgate bench ({}; {} run(s), medians; {} cores; durable; {})",
+            "crudgate bench ({}; {} run(s), medians; {} cores; {}; {})",
             if self.quick {
                 "QUICK, sizes / 10"
             } else {
@@ -471,6 +486,11 @@ impl Report {
             },
             self.runs,
             self.cores,
+            if self.durable {
+                "durable"
+            } else {
+                "NON-DURABLE, fsync off: diagnosis only"
+            },
             self.postgres.split(" on ").next().unwrap_or(&self.postgres)
         );
         let _ = writeln!(
@@ -519,8 +539,14 @@ impl Report {
         if let Some(r) = &self.peak_rss {
             let _ = writeln!(
                 s,
-                "peak RSS of {} with {} clients × {}-op requests ({} ops): {:.1} MiB (VmHWM), {:.0} ops/s",
-                r.binary, r.clients, r.ops_per_request, r.ops, r.median_vmhwm_mib, r.median_ops_per_s
+                "peak RSS of {} with {} clients × {}-op requests ({} ops): {:.1} MiB (VmHWM), {:.0} ops/s, server CPU {:.2} µs/op",
+                r.binary,
+                r.clients,
+                r.ops_per_request,
+                r.ops,
+                r.median_vmhwm_mib,
+                r.median_ops_per_s,
+                r.median_server_cpu_us_per_op
             );
         }
         let _ = writeln!(

@@ -34,6 +34,10 @@ struct Args {
     /// latency. The targets are judged on durable runs.
     #[arg(long)]
     non_durable: bool,
+    /// Only these workloads (comma-separated: W1,W1b,W2,W3); the raw and naive measurements of
+    /// a workload come with it.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +55,7 @@ fn main() -> std::process::ExitCode {
         rss: !args.no_rss,
         crudgate_bin: args.crudgate_bin,
         durable: !args.non_durable,
+        only: args.only,
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(&opts)) {

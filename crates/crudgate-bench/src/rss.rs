@@ -48,12 +48,35 @@ pub fn find_or_build_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> 
     Ok(bin)
 }
 
-/// Starts the binary against `database_url`, sends the requests, and reads `VmHWM` (KiB).
+/// What the separate process used.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// `VmHWM`, KiB.
+    pub vmhwm_kib: u64,
+    /// User + system CPU time of the server process while the requests ran, ms.
+    pub cpu_ms: f64,
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`): 100 on Linux x86-64 and arm64.
+const CLK_TCK: f64 = 100.0;
+
+/// User + system CPU time of a process so far, ms (Linux `/proc/<pid>/stat`).
+fn cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks * 1000.0 / CLK_TCK)
+}
+
+/// Starts the binary against `database_url`, sends the requests, and reads `VmHWM` and the
+/// CPU time the server spent.
 pub async fn measure(
     bin: &Path,
     database_url: &str,
     per_client: Vec<Vec<Request>>,
-) -> anyhow::Result<(u64, Sample)> {
+) -> anyhow::Result<(Usage, Sample)> {
     let mut child = Command::new(bin)
         .args([
             "--database-url",
@@ -84,7 +107,9 @@ pub async fn measure(
     .context("crudgate did not start listening within 30 s")??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let cpu_before = cpu_ms(pid);
     let sample = drive(&base, per_client).await;
+    let cpu_after = cpu_ms(pid);
     let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -94,5 +119,9 @@ pub async fn measure(
         });
     child.kill().await.ok();
     let sample = sample?;
-    Ok((hwm.context("VmHWM not readable")?, sample))
+    let usage = Usage {
+        vmhwm_kib: hwm.context("VmHWM not readable")?,
+        cpu_ms: cpu_after.zip(cpu_before).map_or(0.0, |(a, b)| a - b),
+    };
+    Ok((usage, sample))
 }

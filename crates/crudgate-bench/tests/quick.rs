@@ -16,6 +16,7 @@ async fn quick_mode_runs_and_verifies() {
         rss: release_bin.as_ref().is_some_and(|b| b.exists()),
         crudgate_bin: release_bin,
         durable: true,
+        only: Vec::new(),
     };
     let report = run(&opts).await.expect("benchmark verifies every workload");
     assert_eq!(report.measurements.len(), 13);
