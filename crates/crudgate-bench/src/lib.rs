@@ -208,10 +208,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     };
 
     // One unrecorded pass of W1 (crudgate and raw, 1 client) first: the first measurement on a
-    // fresh cluster otherwise pays for cold caches.
+    // fresh cluster otherwise pays for cold caches. Not in a smoke run.
     for s in specs
         .iter()
-        .filter(|s| s.workload == "W1" && s.load == 0 && s.mode != Mode::Naive)
+        .filter(|s| !opts.quick && s.workload == "W1" && s.load == 0 && s.mode != Mode::Naive)
     {
         ctx.measure(s, &loads[s.load], &expected[s.load]).await?;
     }
