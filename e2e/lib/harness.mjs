@@ -70,11 +70,13 @@ export async function startCrudgate({ databaseUrl, port = 0, configFile } = {}) 
   // With a configuration file its [auth] section decides; otherwise --auth none.
   const args = ['--listen', `127.0.0.1:${port}`, ...(configFile ? ['--config', configFile] : ['--auth', 'none'])];
   if (databaseUrl) args.push('--database-url', databaseUrl);
-  // Flags only: crudgate reads DATABASE_URL and every CRUDGATE_* variable as configuration (and
-  // refuses unknown keys, e.g. CRUDGATE_BIN), so none of them is passed on.
+  // crudgate reads DATABASE_URL and CRUDGATE_* variables as configuration: none of the test
+  // runner's is passed on. The demo tables have no write rules, so a crudgate given a database
+  // (rather than its zero-config demo) is told to allow them.
   const env = { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' };
   delete env.DATABASE_URL;
   for (const k of Object.keys(env)) if (k.startsWith('CRUDGATE_')) delete env[k];
+  if (databaseUrl) env.CRUDGATE_ENGINE__ALLOW_UNLISTED_TABLES = 'true';
   const proc = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   let output = '';
   const exited = new Promise((resolve) => proc.once('exit', (code, signal) => resolve({ code, signal })));

@@ -1,0 +1,412 @@
+//! Direct database work: fresh databases, seeding, verification, and the raw SQL limit (the
+//! best bulk SQL sent with tokio-postgres, no HTTP and no crudgate).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use chrono::{DateTime, Utc};
+use futures::future::{try_join_all, BoxFuture};
+use futures::FutureExt;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+use crate::gen::{micros, Field, Load, Op, Todo};
+use crate::stats::Sample;
+
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    // Errors surface on the client's calls; the end of a connection (also when a database is
+    // dropped with `force` after a measurement) is not one.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Creates database `name` with the demo schema and the load's lists and pre-seeded rows, then
+/// checkpoints so that the measurement does not pay for the seeding's dirty pages.
+pub async fn prepare(admin: &Client, url: &str, name: &str, load: &Load) -> anyhow::Result<()> {
+    admin
+        .batch_execute(&format!("create database {name}"))
+        .await?;
+    let c = connect(url).await?;
+    c.batch_execute(crudgate::DEMO_SCHEMA).await?;
+    let lists: Vec<&(Uuid, String)> = load.clients.iter().flat_map(|c| &c.lists).collect();
+    let ids: Vec<Uuid> = lists.iter().map(|l| l.0).collect();
+    let names: Vec<&str> = lists.iter().map(|l| l.1.as_str()).collect();
+    let owners: Vec<Option<&str>> = vec![None; lists.len()];
+    c.execute(
+        "insert into lists (id, name, owner_id) select * from unnest($1::uuid[], $2::text[], $3::text[])",
+        &[&ids, &names, &owners],
+    )
+    .await?;
+    let seed: Vec<&Todo> = load.clients.iter().flat_map(|c| &c.seed).collect();
+    for part in seed.chunks(10_000) {
+        let a = TodoArrays::new(part.iter().copied());
+        c.execute(UPSERT, &a.params()).await?;
+    }
+    c.batch_execute("vacuum analyze").await?;
+    admin.batch_execute("checkpoint").await?;
+    Ok(())
+}
+
+pub async fn drop_database(admin: &Client, name: &str) -> anyhow::Result<()> {
+    admin
+        .batch_execute(&format!("drop database if exists {name} with (force)"))
+        .await?;
+    Ok(())
+}
+
+/// FNV-1a over the canonical text of every row, in id order.
+pub fn checksum(rows: &BTreeMap<Uuid, Todo>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for t in rows.values() {
+        let line = format!(
+            "{}|{}|{:?}|{:?}|{}|{:?}|{:?}|{}\n",
+            t.id,
+            t.created_at,
+            t.completed_at,
+            t.description,
+            t.completed,
+            t.created_by,
+            t.completed_by,
+            t.list_id
+        );
+        for b in line.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Reads `todos` and compares row count and checksum with the expected state; returns the
+/// checksum. A difference is an error naming the first differing row.
+pub async fn verify(url: &str, expected: &BTreeMap<Uuid, Todo>) -> anyhow::Result<u64> {
+    let c = connect(url).await?;
+    let rows = c
+        .query(
+            "select id, created_at, completed_at, description, completed, created_by, completed_by, list_id from todos",
+            &[],
+        )
+        .await?;
+    let mut actual = BTreeMap::new();
+    for r in rows {
+        let created_at: DateTime<Utc> = r.get(1);
+        let completed_at: Option<DateTime<Utc>> = r.get(2);
+        let t = Todo {
+            id: r.get(0),
+            created_at: created_at.timestamp_micros(),
+            completed_at: completed_at.map(|t| t.timestamp_micros()),
+            description: r.get(3),
+            completed: r.get(4),
+            created_by: r.get(5),
+            completed_by: r.get(6),
+            list_id: r.get(7),
+        };
+        actual.insert(t.id, t);
+    }
+    let (want, got) = (checksum(expected), checksum(&actual));
+    if actual.len() != expected.len() || want != got {
+        let diff = expected
+            .iter()
+            .find(|(id, t)| actual.get(id) != Some(t))
+            .map(|(id, t)| format!("row {id}: expected {t:?}, found {:?}", actual.get(id)))
+            .or_else(|| {
+                actual
+                    .keys()
+                    .find(|id| !expected.contains_key(id))
+                    .map(|id| format!("unexpected row {id}"))
+            })
+            .unwrap_or_default();
+        bail!(
+            "wrong final state: {} rows (checksum {got:016x}), expected {} rows (checksum {want:016x}); {diff}",
+            actual.len(),
+            expected.len()
+        );
+    }
+    Ok(got)
+}
+
+const COLUMNS: &str =
+    "id, created_at, completed_at, description, completed, created_by, completed_by, list_id";
+const UPDATE_ALL: &str = "created_at = excluded.created_at, completed_at = excluded.completed_at, \
+     description = excluded.description, completed = excluded.completed, created_by = excluded.created_by, \
+     completed_by = excluded.completed_by, list_id = excluded.list_id";
+const UPSERT: &str = "insert into todos (id, created_at, completed_at, description, completed, created_by, completed_by, list_id) \
+     select * from unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::bool[], $6::text[], $7::text[], $8::uuid[]) \
+     on conflict (id) do update set created_at = excluded.created_at, completed_at = excluded.completed_at, \
+     description = excluded.description, completed = excluded.completed, created_by = excluded.created_by, \
+     completed_by = excluded.completed_by, list_id = excluded.list_id";
+
+/// Typed column arrays of some rows, sent as binary array parameters.
+struct TodoArrays {
+    id: Vec<Uuid>,
+    created_at: Vec<DateTime<Utc>>,
+    completed_at: Vec<Option<DateTime<Utc>>>,
+    description: Vec<String>,
+    completed: Vec<bool>,
+    created_by: Vec<Option<String>>,
+    completed_by: Vec<Option<String>>,
+    list_id: Vec<Uuid>,
+}
+
+impl TodoArrays {
+    fn new<'a>(rows: impl Iterator<Item = &'a Todo>) -> Self {
+        let mut a = TodoArrays {
+            id: Vec::new(),
+            created_at: Vec::new(),
+            completed_at: Vec::new(),
+            description: Vec::new(),
+            completed: Vec::new(),
+            created_by: Vec::new(),
+            completed_by: Vec::new(),
+            list_id: Vec::new(),
+        };
+        for t in rows {
+            a.id.push(t.id);
+            a.created_at.push(micros(t.created_at));
+            a.completed_at.push(t.completed_at.map(micros));
+            a.description.push(t.description.clone());
+            a.completed.push(t.completed);
+            a.created_by.push(t.created_by.clone());
+            a.completed_by.push(t.completed_by.clone());
+            a.list_id.push(t.list_id);
+        }
+        a
+    }
+    fn params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.id,
+            &self.created_at,
+            &self.completed_at,
+            &self.description,
+            &self.completed,
+            &self.created_by,
+            &self.completed_by,
+            &self.list_id,
+        ]
+    }
+}
+
+/// One column of a PATCH group, typed.
+enum ColVec {
+    Text(Vec<Option<String>>),
+    Bool(Vec<bool>),
+    Ts(Vec<Option<DateTime<Utc>>>),
+}
+
+impl ColVec {
+    fn for_field(f: &Field) -> (ColVec, &'static str) {
+        match f {
+            Field::Description(_) | Field::CompletedBy(_) => (ColVec::Text(Vec::new()), "text"),
+            Field::Completed(_) => (ColVec::Bool(Vec::new()), "bool"),
+            Field::CompletedAt(_) => (ColVec::Ts(Vec::new()), "timestamptz"),
+        }
+    }
+    fn push(&mut self, f: &Field) {
+        match (self, f) {
+            (ColVec::Text(v), Field::Description(s)) => v.push(Some(s.clone())),
+            (ColVec::Text(v), Field::CompletedBy(s)) => v.push(s.clone()),
+            (ColVec::Bool(v), Field::Completed(b)) => v.push(*b),
+            (ColVec::Ts(v), Field::CompletedAt(t)) => v.push(t.map(micros)),
+            _ => unreachable!("column sets are uniform within a group"),
+        }
+    }
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            ColVec::Text(v) => v,
+            ColVec::Bool(v) => v,
+            ColVec::Ts(v) => v,
+        }
+    }
+}
+
+struct PatchGroup {
+    sql: String,
+    ids: Vec<Uuid>,
+    cols: Vec<ColVec>,
+}
+
+/// A connection applying transactions of ops with the fastest SQL we know.
+pub struct Raw {
+    client: Client,
+    stmts: HashMap<String, Statement>,
+}
+
+impl Raw {
+    pub async fn connect(url: &str) -> anyhow::Result<Raw> {
+        Ok(Raw {
+            client: connect(url).await?,
+            stmts: HashMap::new(),
+        })
+    }
+
+    async fn stmt(&mut self, sql: &str) -> anyhow::Result<Statement> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.stmts.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    /// One database transaction, pipelined in a single round trip: BEGIN, one upsert of all
+    /// PUTs, one `update … from unnest` per PATCH column set, one delete, COMMIT. The
+    /// generator guarantees these commute (PATCH and DELETE touch distinct pre-existing rows,
+    /// no row is patched twice in a transaction). A lone PUT uses a plain single-row upsert.
+    pub async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
+        if let [Op::Put(t)] = ops {
+            let sql = format!(
+                "insert into todos ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8) on conflict (id) do update set {UPDATE_ALL}"
+            );
+            let st = self.stmt(&sql).await?;
+            let (created_at, completed_at) = (micros(t.created_at), t.completed_at.map(micros));
+            let params: [&(dyn ToSql + Sync); 8] = [
+                &t.id,
+                &created_at,
+                &completed_at,
+                &t.description,
+                &t.completed,
+                &t.created_by,
+                &t.completed_by,
+                &t.list_id,
+            ];
+            let c = &self.client;
+            let (b, i, e) = tokio::join!(
+                c.batch_execute("begin"),
+                c.execute(&st, &params),
+                c.batch_execute("commit")
+            );
+            b?;
+            i?;
+            e?;
+            return Ok(());
+        }
+        let puts = TodoArrays::new(ops.iter().filter_map(|o| match o {
+            Op::Put(t) => Some(t),
+            _ => None,
+        }));
+        let deletes: Vec<Uuid> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Delete(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let mut groups: Vec<PatchGroup> = Vec::new();
+        let mut by_shape: HashMap<Vec<&'static str>, usize> = HashMap::new();
+        for o in ops {
+            let Op::Patch(id, fields) = o else { continue };
+            let shape: Vec<&'static str> = fields.iter().map(Field::column).collect();
+            let g = *by_shape.entry(shape.clone()).or_insert_with(|| {
+                let mut types = Vec::new();
+                let cols = fields
+                    .iter()
+                    .map(|f| {
+                        let (v, ty) = ColVec::for_field(f);
+                        types.push(ty);
+                        v
+                    })
+                    .collect();
+                let set: Vec<String> = shape.iter().enumerate().map(|(i, c)| format!("{c} = v.c{i}")).collect();
+                let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", i + 2)).collect();
+                let names: Vec<String> = (0..shape.len()).map(|i| format!("c{i}")).collect();
+                let sql = format!(
+                    "update todos as t set {} from unnest($1::uuid[], {}) as v(id, {}) where t.id = v.id",
+                    set.join(", "),
+                    arrays.join(", "),
+                    names.join(", ")
+                );
+                groups.push(PatchGroup { sql, ids: Vec::new(), cols });
+                groups.len() - 1
+            });
+            groups[g].ids.push(*id);
+            for (col, f) in groups[g].cols.iter_mut().zip(fields) {
+                col.push(f);
+            }
+        }
+        let upsert = if puts.id.is_empty() {
+            None
+        } else {
+            Some(self.stmt(UPSERT).await?)
+        };
+        let delete = if deletes.is_empty() {
+            None
+        } else {
+            Some(
+                self.stmt("delete from todos where id = any($1::uuid[])")
+                    .await?,
+            )
+        };
+        let mut updates = Vec::new();
+        for g in &groups {
+            updates.push(self.stmt(&g.sql).await?);
+        }
+        let group_params: Vec<Vec<&(dyn ToSql + Sync)>> = groups
+            .iter()
+            .map(|g| {
+                let mut p: Vec<&(dyn ToSql + Sync)> = vec![&g.ids];
+                p.extend(g.cols.iter().map(ColVec::as_sql));
+                p
+            })
+            .collect();
+        let put_params = puts.params();
+        let delete_params: [&(dyn ToSql + Sync); 1] = [&deletes];
+        let c = &self.client;
+        let mut pipeline: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
+        pipeline.push(c.batch_execute("begin").map(|r| r.map(|_| 0)).boxed());
+        if let Some(st) = &upsert {
+            pipeline.push(c.execute(st, &put_params).boxed());
+        }
+        for (st, p) in updates.iter().zip(&group_params) {
+            pipeline.push(c.execute(st, p).boxed());
+        }
+        if let Some(st) = &delete {
+            pipeline.push(c.execute(st, &delete_params).boxed());
+        }
+        pipeline.push(c.batch_execute("commit").map(|r| r.map(|_| 0)).boxed());
+        try_join_all(pipeline).await?;
+        Ok(())
+    }
+}
+
+/// The raw limit: one connection per client, each sending its ops as transactions of
+/// `ops_per_tx`. Latency is per transaction.
+pub async fn run_raw(url: &str, load: &Load, ops_per_tx: usize) -> anyhow::Result<Sample> {
+    let mut conns = Vec::new();
+    for _ in &load.clients {
+        conns.push(Raw::connect(url).await?);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(conns.len() + 1));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .zip(&load.clients)
+        .map(|(mut raw, client)| {
+            let ops = client.ops.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let mut lat = Vec::new();
+                for tx in ops.chunks(ops_per_tx) {
+                    let t0 = Instant::now();
+                    raw.apply(tx).await?;
+                    lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                anyhow::Ok(lat)
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let start = Instant::now();
+    let mut lats = Vec::new();
+    for t in tasks {
+        lats.push(t.await??);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Sample::new(load.total_ops(), secs, lats.concat()))
+}
