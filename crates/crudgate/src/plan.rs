@@ -313,6 +313,8 @@ pub(crate) struct OpRef {
 pub(crate) enum Param {
     Text(Option<String>),
     Texts(Vec<Option<String>>),
+    /// Which rows of a merged PATCH set a column.
+    Bools(Vec<bool>),
 }
 
 impl Param {
@@ -320,7 +322,84 @@ impl Param {
         match self {
             Param::Text(t) => t,
             Param::Texts(t) => t,
+            Param::Bools(b) => b,
         }
+    }
+}
+
+/// One UPDATE for PATCHes of different column sets: each column of their union is set from the
+/// row's value where that row's PATCH names it (a mask per column) and to itself elsewhere.
+fn masked_patch(
+    group: &[(OpRef, &RowOp)],
+    keys: Param,
+    owner: Option<(&crate::schema::Column, &String)>,
+    ops: Vec<OpRef>,
+    cfg: &EngineConfig,
+) -> Stmt {
+    let first = group[0].1;
+    let t = &first.table;
+    let pk = t.pk_column();
+    let mut union: Vec<usize> = group
+        .iter()
+        .flat_map(|(_, o)| o.cols.iter().copied())
+        .collect();
+    union.sort_unstable();
+    union.dedup();
+    let mut params = Vec::with_capacity(2 * union.len() + 2);
+    params.push(keys);
+    for &c in &union {
+        let (vals, mask): (Vec<Option<String>>, Vec<bool>) = group
+            .iter()
+            .map(|(_, o)| match o.cols.iter().position(|&x| x == c) {
+                Some(i) => (o.vals[i].clone(), true),
+                None => (None, false),
+            })
+            .unzip();
+        params.push(Param::Texts(vals));
+        params.push(Param::Bools(mask));
+    }
+    let mut sql = format!("update {} as _cg_t set ", t.ident);
+    for (j, &c) in union.iter().enumerate() {
+        let col = &t.columns[c];
+        let _ = write!(
+            sql,
+            "{}{c} = case when _cg_v.m{j} then _cg_v.v{j}::{ty} else _cg_t.{c} end",
+            if j > 0 { ", " } else { "" },
+            c = col.ident,
+            ty = col.type_sql
+        );
+    }
+    for &c in &first.db_cols {
+        let _ = write!(sql, ", {} = now()", t.columns[c].ident);
+    }
+    sql.push_str(" from unnest($1::text[]");
+    for j in 0..union.len() {
+        let _ = write!(sql, ", ${}::text[], ${}::bool[]", 2 * j + 2, 2 * j + 3);
+    }
+    sql.push_str(") as _cg_v(k");
+    for j in 0..union.len() {
+        let _ = write!(sql, ", v{j}, m{j}");
+    }
+    let _ = write!(sql, ") where _cg_t.{} = _cg_v.k::{}", pk.ident, pk.type_sql);
+    if let Some((col, id)) = owner {
+        params.push(Param::Text(Some(id.clone())));
+        let _ = write!(
+            sql,
+            " and _cg_t.{} = ${}::text::{}",
+            col.ident,
+            params.len(),
+            col.type_sql
+        );
+    }
+    let expect = match cfg.patch_missing {
+        PatchMissing::Reject => Expect::Rows(group.len() as u64),
+        PatchMissing::Ignore => Expect::Any,
+    };
+    Stmt {
+        sql,
+        params,
+        ops,
+        expect,
     }
 }
 
@@ -396,7 +475,15 @@ pub(crate) fn bulk<'a>(
         keys.insert(op.key.as_str());
         let fits = |g: &Vec<(OpRef, &RowOp)>| {
             let f = g[0].1;
-            f.kind == op.kind && f.cols == op.cols && f.db_cols == op.db_cols
+            f.kind == op.kind
+                && f.db_cols == op.db_cols
+                && (f.cols == op.cols
+                    // PATCHes of other column sets merge into one masked UPDATE, where the
+                    // rows commute (no trigger can tell a column set to itself).
+                    || (op.table.rows_commute
+                        && op.kind == OpKind::Patch
+                        && !op.cols.is_empty()
+                        && !f.cols.is_empty()))
         };
         let slot = if op.table.rows_commute {
             window.iter_mut().find(|g| fits(g))
@@ -456,6 +543,10 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Vec<Stmt> {
             ops: refs.clone(),
             expect: Expect::Guard,
         });
+    }
+    if first.kind == OpKind::Patch && group.iter().any(|(_, o)| o.cols != first.cols) {
+        out.push(masked_patch(group, keys(), owner, refs, cfg));
+        return out;
     }
     let mut params: Vec<Param> = Vec::with_capacity(first.cols.len() + 2);
     params.push(keys());
@@ -619,6 +710,63 @@ mod tests {
             .enumerate()
             .map(|(op, row)| (OpRef { tx: 0, op }, row));
         bulk(refs, &EngineConfig::default())
+    }
+
+    /// Interleaved operations on distinct rows of a table whose rows commute.
+    fn interleaved() -> Vec<RowOp> {
+        let table = Arc::new(Table::of_text_columns("todos", &["id", "a", "b", "c"]));
+        let access = Arc::new(
+            rules::resolve("todos", &TableRule::default(), table.clone()).expect("rule fits"),
+        );
+        let op = |i: usize, kind: OpKind, cols: Vec<usize>| RowOp {
+            access: access.clone(),
+            table: table.clone(),
+            kind,
+            key: format!("row-{i}"),
+            vals: cols.iter().map(|c| Some(format!("v{c}"))).collect(),
+            cols,
+            db_cols: Vec::new(),
+            owner: None,
+        };
+        vec![
+            op(0, OpKind::Put, vec![1, 2, 3]),
+            op(1, OpKind::Patch, vec![1]),
+            op(2, OpKind::Delete, vec![]),
+            op(3, OpKind::Put, vec![1, 2, 3]),
+            op(4, OpKind::Patch, vec![2, 3]),
+            op(5, OpKind::Patch, vec![1]),
+            op(6, OpKind::Delete, vec![]),
+            op(7, OpKind::Patch, vec![3]),
+        ]
+    }
+
+    #[test]
+    fn interleaved_operations_on_commuting_rows_become_one_statement_per_op_kind() {
+        let stmts = planned(&interleaved());
+        assert_eq!(
+            stmts.len(),
+            3,
+            "{:#?}",
+            stmts.iter().map(|s| &s.sql).collect::<Vec<_>>()
+        );
+        let ops = |s: &Stmt| s.ops.iter().map(|r| r.op).collect::<Vec<_>>();
+        assert_eq!(ops(&stmts[0]), vec![0, 3]);
+        assert_eq!(ops(&stmts[1]), vec![1, 4, 5, 7]);
+        assert!(
+            stmts[1].sql.contains("case when"),
+            "masked: {}",
+            stmts[1].sql
+        );
+        assert_eq!(ops(&stmts[2]), vec![2, 6]);
+    }
+
+    #[test]
+    fn a_repeated_row_ends_the_regrouping_window_so_order_is_kept() {
+        let mut ops = interleaved();
+        ops[7].key = "row-1".into();
+        let stmts = planned(&ops);
+        let last = stmts.last().expect("statements");
+        assert_eq!(last.ops.iter().map(|r| r.op).collect::<Vec<_>>(), vec![7]);
     }
 
     #[test]

@@ -645,3 +645,60 @@ async fn two_spellings_of_one_key_in_a_case_insensitive_key_apply_in_order() {
         .collect();
     assert_eq!(rows, vec![("abc".to_owned(), 2), ("xyz".to_owned(), 2)]);
 }
+
+#[tokio::test]
+async fn patches_of_different_columns_in_one_request_each_change_only_their_own_columns() {
+    let (_db, app) = app().await;
+    let list = seed_list(&app.db).await;
+    let other = seed_list(&app.db).await;
+    let ids: Vec<uuid::Uuid> = (0..4).map(|_| new_id()).collect();
+    for id in &ids {
+        app.db
+            .execute(
+                "insert into todos (id, description, list_id, created_by) values ($1, 'd', $2, 'u')",
+                &[id, &list],
+            )
+            .await
+            .expect("seed todo");
+    }
+    // Interleaved PATCHes of different column sets (merged into one masked UPDATE), with a
+    // NULL set through the mask, between other operations.
+    let r = app
+        .apply_tx(vec![
+            patch("todos", ids[0], json!({"description": "only description"})),
+            put("lists", new_id(), json!({"name": "between"})),
+            patch("todos", ids[1], json!({"completed": 1, "created_by": null})),
+            patch("todos", ids[2], json!({"list_id": other})),
+            patch(
+                "todos",
+                ids[3],
+                json!({"created_by": "x", "description": "both"}),
+            ),
+        ])
+        .await;
+    assert_success(&r);
+    let rows: Vec<(String, bool, Option<String>, uuid::Uuid)> = {
+        let mut out = Vec::new();
+        for id in &ids {
+            let row = app
+                .db
+                .query_one(
+                    "select description, completed, created_by, list_id from todos where id = $1",
+                    &[id],
+                )
+                .await
+                .expect("row");
+            out.push((row.get(0), row.get(1), row.get(2), row.get(3)));
+        }
+        out
+    };
+    assert_eq!(
+        rows,
+        vec![
+            ("only description".into(), false, Some("u".into()), list),
+            ("d".into(), true, None, list),
+            ("d".into(), false, Some("u".into()), other),
+            ("both".into(), false, Some("x".into()), list),
+        ]
+    );
+}
