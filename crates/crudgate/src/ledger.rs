@@ -121,6 +121,7 @@ impl Tables {
                      message text not null,
                      details jsonb,
                      transaction jsonb not null,
+                     claims jsonb,
                      replayed_at timestamptz,
                      replay_result jsonb);
                  create index if not exists {idx} on {r} (user_id, created_at);",
@@ -166,9 +167,10 @@ impl Tables {
     pub fn reject_sql(&self) -> String {
         format!(
             "insert into {} (user_id, client_id, transaction_id, operation_index, table_name, row_id,
-                              op, data, previous_values, metadata, error_code, message, details, transaction)
+                              op, data, previous_values, metadata, error_code, message, details, transaction,
+                              claims)
              values ($1, $2, $3, $4::text::int, $5, $6, $7, $8::text::jsonb, $9::text::jsonb, $10,
-                     $11, $12, $13::text::jsonb, $14::text::jsonb)",
+                     $11, $12, $13::text::jsonb, $14::text::jsonb, $15::text::jsonb)",
             self.rejections
         )
     }
@@ -265,5 +267,8 @@ pub(crate) fn rejection_params(
         Some(r.message.clone()),
         Some(r.details.to_string()),
         Some(serde_json::to_string(&tx.crud).expect("operations serialize")),
+        // The verified claims, so a replay runs with the same identity (server-set columns
+        // and RLS policies may read any claim).
+        (!ctx.claims.is_null()).then(|| ctx.claims.to_string()),
     ]
 }

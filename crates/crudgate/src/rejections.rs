@@ -96,7 +96,8 @@ impl Engine {
         Ok(rows.iter().map(stored).collect())
     }
 
-    /// Applies a stored rejected transaction again, as its user, and records the new outcome
+    /// Applies a stored rejected transaction again, as its user (with the claims of the token
+    /// it came with), and records the new outcome
     /// on the stored row. The ledger is bypassed (it remembers the first outcome, which is
     /// exactly what is being overridden); a failing replay is rejected and stored again.
     pub async fn replay_rejection(&self, id: &str) -> Result<TxResult, String> {
@@ -104,7 +105,7 @@ impl Engine {
         let row = client
             .query_opt(
                 &format!(
-                    "select user_id, transaction_id, transaction from {} where id::text = $1",
+                    "select user_id, transaction_id, transaction, claims from {} where id::text = $1",
                     self.tables().rejections
                 ),
                 &[&id],
@@ -116,10 +117,13 @@ impl Engine {
         let transaction_id: Option<String> = row.get(1);
         let crud: Vec<Operation> = serde_json::from_value(row.get::<_, Value>(2))
             .map_err(|e| format!("stored transaction unreadable: {e}"))?;
+        let claims: Option<Value> = row.get(3);
         let ctx = Context {
-            claims: user_id
-                .as_ref()
-                .map_or(Value::Null, |u| serde_json::json!({ "sub": u })),
+            claims: claims.unwrap_or_else(|| {
+                user_id
+                    .as_ref()
+                    .map_or(Value::Null, |u| serde_json::json!({ "sub": u }))
+            }),
             user_id,
             client_id: None,
         };

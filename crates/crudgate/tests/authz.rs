@@ -1086,3 +1086,44 @@ async fn a_role_that_cannot_be_assumed_is_a_temporary_failure_not_a_rejection() 
     assert!(matches!(r, TxResult::RetryableError { .. }), "{r:?}");
     assert_eq!(list(&db, LIST_1).await, None);
 }
+
+#[tokio::test]
+async fn a_replayed_rejection_runs_with_the_claims_of_its_original_token() {
+    let db = fresh_db(&format!(
+        "{SCHEMA} create table docs (id text primary key, org text, body text not null);"
+    ))
+    .await;
+    let docs = TableRule {
+        set: BTreeMap::from([(
+            "org".to_string(),
+            SetValue::Claim(vec!["org".into(), "id".into()]),
+        )]),
+        ..rule()
+    };
+    let engine = engine(&db, config(vec![("docs", docs)])).await;
+    // Rejected first: `body` is missing and may not be null.
+    let r = apply(&engine, user(A), vec![put("docs", "d1", json!({}))]).await;
+    assert_fatal(&r, "NOT_NULL_VIOLATION", 0);
+    db.admin
+        .batch_execute("alter table docs alter column body drop not null")
+        .await
+        .expect("fix the cause");
+    engine.refresh_schema().await.expect("refresh");
+    let id: String = db
+        .admin
+        .query_one("select id::text from crudgate.rejections", &[])
+        .await
+        .expect("one rejection")
+        .get(0);
+    assert_eq!(
+        engine.replay_rejection(&id).await.expect("replay"),
+        TxResult::Success
+    );
+    let org: String = db
+        .admin
+        .query_one("select org from docs where id = 'd1'", &[])
+        .await
+        .expect("replayed row")
+        .get(0);
+    assert_eq!(org, "org-7", "the nested claim came from the stored claims");
+}
