@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
 use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::auth::Identity;
@@ -97,18 +97,48 @@ pub(crate) async fn upload(
                 .map(|t| t.transaction_id.clone().unwrap_or(Value::Null))
                 .collect();
             let results = apply_in_chunks(state, identity, headers, client_id, groups).await?;
-            let results: Vec<Value> = results
+            let results: Vec<EntryResult> = results
                 .into_iter()
                 .zip(tx_ids)
-                .map(|(r, tx_id)| {
-                    let mut v = serde_json::to_value(r).expect("results serialize");
-                    v["tx_id"] = tx_id;
-                    v
-                })
+                .map(|(result, tx_id)| EntryResult { result, tx_id })
                 .collect();
-            Ok(Json(json!({ "results": results })).into_response())
+            Ok(Json(EntriesAnswer { results }).into_response())
         }
     }
+}
+
+/// The reference answer, each result with its `tx_id`. Typed rather than built as a `Value`,
+/// whose map would sort the keys: `status` stays first, as in the reference answer.
+#[derive(Serialize)]
+struct EntriesAnswer {
+    results: Vec<EntryResult>,
+}
+
+/// A reference result with the `tx_id` of the entries it answers.
+#[derive(Serialize)]
+struct EntryResult {
+    #[serde(flatten)]
+    result: TxResult,
+    tx_id: Value,
+}
+
+/// A refusal in the REST shape.
+#[derive(Serialize)]
+struct RestRefusal<'a> {
+    status: &'static str,
+    error_code: &'a str,
+    message: &'a str,
+    details: &'a Value,
+}
+
+/// A refusal in the demo shape: its `message` first, as the demo backend answers.
+#[derive(Serialize)]
+struct DemoRefusal<'a> {
+    message: String,
+    status: &'static str,
+    error_code: &'a str,
+    operation_index: usize,
+    details: &'a Value,
 }
 
 /// Names what is wrong with a body of one of these shapes, with the path into it.
@@ -232,13 +262,17 @@ fn demo_answer(state: &AppState, r: &TxResult) -> Response {
             } else {
                 StatusCode::OK
             };
-            let body = json!({
-                "message": format!("Batch rejected: {message}"),
-                "status": if *requires_client_handling { "client_handling_required" } else { "rejected" },
-                "error_code": f.error_code,
-                "operation_index": f.operation_index,
-                "details": f.details,
-            });
+            let body = DemoRefusal {
+                message: format!("Batch rejected: {message}"),
+                status: if *requires_client_handling {
+                    "client_handling_required"
+                } else {
+                    "rejected"
+                },
+                error_code: &f.error_code,
+                operation_index: f.operation_index,
+                details: &f.details,
+            };
             (status, Json(body)).into_response()
         }
         TxResult::RetryableError {
@@ -465,12 +499,12 @@ fn rest_answer(state: &AppState, r: &TxResult) -> Response {
             } else {
                 (StatusCode::OK, "rejected")
             };
-            let body = json!({
-                "status": word,
-                "error_code": f.error_code,
-                "message": message,
-                "details": f.details,
-            });
+            let body = RestRefusal {
+                status: word,
+                error_code: &f.error_code,
+                message,
+                details: &f.details,
+            };
             (status, Json(body)).into_response()
         }
         TxResult::RetryableError {
