@@ -59,7 +59,7 @@ impl ApiError {
             retry_after_ms: None,
         }
     }
-    pub(crate) fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
+    fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: message.into(),

@@ -540,6 +540,38 @@ async fn a_crud_batch_of_more_transactions_than_one_request_allows_is_applied_wh
 }
 
 #[tokio::test]
+async fn a_rejection_at_the_end_of_one_chunk_leaves_the_groups_after_it_not_attempted() {
+    let (_db, app) = app().await;
+    // 50 groups go per chunk; the 50th is refused, so the engine itself never sees the 51st.
+    let ids: Vec<Uuid> = (0..60).map(|_| new_id()).collect();
+    let list: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let data = if i == 49 {
+                json!({"list_id": new_id().to_string(), "description": "orphan"})
+            } else {
+                json!({"name": format!("l{i}")})
+            };
+            let table = if i == 49 { "todos" } else { "lists" };
+            json!({"op_id": i, "op": "PUT", "type": table, "id": id.to_string(), "tx_id": i, "data": data})
+        })
+        .collect();
+    let (status, _, body) = app
+        .send_json(Method::POST, "/api/data", &Value::Array(list), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK, "body: {body}");
+    let r = results(&body);
+    assert_eq!(r.len(), 60);
+    r[..49].iter().for_each(assert_success);
+    assert_fatal(&r[49], "FOREIGN_KEY_VIOLATION", 0);
+    for (i, r) in r.iter().enumerate().skip(50) {
+        assert_eq!(r, &json!({"status": "not_attempted", "tx_id": i}));
+    }
+    assert_eq!(count(&app.db, "lists").await, 49);
+}
+
+#[tokio::test]
 async fn a_rest_write_with_client_id_and_idempotency_key_is_applied_once() {
     let (_db, app) = app().await;
     let list = new_id();
