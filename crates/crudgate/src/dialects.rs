@@ -141,8 +141,8 @@ struct DemoRefusal<'a> {
     details: &'a Value,
 }
 
-/// Names what is wrong with a body of one of these shapes, with the path into it.
-fn bad_body<T>(shape: &str, body: &[u8]) -> Result<T, ApiError>
+/// Parses a body of one of these shapes; on failure names what is wrong, with the path into it.
+fn parse_shape<T>(shape: &str, body: &[u8]) -> Result<T, ApiError>
 where
     T: for<'de> Deserialize<'de>,
 {
@@ -204,7 +204,7 @@ struct DemoOp {
 }
 
 fn parse_demo(body: &[u8], headers: &HeaderMap) -> Result<Batch, ApiError> {
-    let demo: DemoBody = bad_body("demo batch", body)?;
+    let demo: DemoBody = parse_shape("demo batch", body)?;
     if demo.batch.is_empty() {
         return Err(bad_request("the batch is empty: it carries no operation"));
     }
@@ -324,9 +324,9 @@ struct Entry {
 
 fn parse_entries(body: &[u8]) -> Result<(Option<String>, Vec<Transaction>), ApiError> {
     let (client_id, entries) = if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        (None, bad_body::<Vec<Entry>>("queue entries", body)?)
+        (None, parse_shape::<Vec<Entry>>("queue entries", body)?)
     } else {
-        let o: EntriesObject = bad_body("queue entries", body)?;
+        let o: EntriesObject = parse_shape("queue entries", body)?;
         (o.client_id, o.crud)
     };
     if entries.is_empty() {
