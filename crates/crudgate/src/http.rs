@@ -1,8 +1,9 @@
-//! The HTTP face: `POST /api/data` in the reference contract, health and readiness.
+//! The HTTP face: `POST /api/data` in the reference contract, health and readiness. The other
+//! request shapes clients send (see `dialects`) share its helpers.
 
 use std::sync::Arc;
 
-use axum::body::{to_bytes, Body};
+use axum::body::{to_bytes, Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -10,15 +11,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::dialects;
 use crate::execute::Engine;
 use crate::plan::Context;
-use crate::protocol::{parse_batch, Batch, BatchResponse};
+use crate::protocol::{parse_batch, Batch, BatchResponse, TxResult};
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    engine: Engine,
+    pub(crate) engine: Engine,
     auth: Arc<Authenticator>,
 }
 
@@ -38,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .merge(dialects::routes())
         .with_state(state)
 }
 
@@ -96,10 +99,33 @@ async fn ready(State(state): State<AppState>) -> Response {
 async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let identity = authenticate(&state, &parts.headers).await?;
-    let batch = read_batch(&state, body).await?;
+    let bytes = read_body(&state, body).await?;
+    let batch = match parse_batch(&bytes) {
+        Ok(batch) => batch,
+        // Only a body that is not a reference batch is looked at again, so the reference
+        // path costs nothing more than before.
+        Err(e) => match dialects::other_shape(&bytes) {
+            Some(shape) => {
+                return dialects::upload(&state, identity, &parts.headers, shape, &bytes).await
+            }
+            None => return Err(ApiError::new(StatusCode::BAD_REQUEST, e.0)),
+        },
+    };
+    check_limits(&state, &batch)?;
+    let results = apply(&state, identity, &parts.headers, batch).await?;
+    Ok(Json(BatchResponse { results }).into_response())
+}
+
+/// Applies a checked batch for an authenticated caller: what every request shape shares.
+/// A database that is unavailable before anything was applied is a 503.
+pub(crate) async fn apply(
+    state: &AppState,
+    identity: Identity,
+    headers: &HeaderMap,
+    batch: Batch,
+) -> Result<Vec<TxResult>, ApiError> {
     let client_id = batch.client_id.clone().or_else(|| {
-        parts
-            .headers
+        headers
             .get("powersync-client-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
@@ -127,13 +153,10 @@ async fn upload(State(state): State<AppState>, req: Request) -> Result<Response,
             state.engine.config().retry_after_ms,
         ));
     }
-    Ok(Json(BatchResponse {
-        results: outcome.results,
-    })
-    .into_response())
+    Ok(outcome.results)
 }
 
-async fn authenticate(
+pub(crate) async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<crate::auth::Identity, ApiError> {
@@ -146,16 +169,20 @@ async fn authenticate(
     })
 }
 
-/// Reads and checks the body: size, JSON shape, and the request limits.
-async fn read_batch(state: &AppState, body: Body) -> Result<Batch, ApiError> {
-    let cfg = state.engine.config();
-    let bytes = to_bytes(body, cfg.body_limit).await.map_err(|_| {
+/// Reads the body, refusing one over the configured size.
+pub(crate) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.engine.config().body_limit;
+    to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body exceeds {} bytes", cfg.body_limit),
+            format!("request body exceeds {limit} bytes"),
         )
-    })?;
-    let batch = parse_batch(&bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.0))?;
+    })
+}
+
+/// Checks a parsed batch against the request limits.
+pub(crate) fn check_limits(state: &AppState, batch: &Batch) -> Result<(), ApiError> {
+    let cfg = state.engine.config();
     let txs = batch.transactions.len();
     if txs == 0 || txs > cfg.max_transactions {
         return Err(ApiError::new(
@@ -167,14 +194,17 @@ async fn read_batch(state: &AppState, body: Body) -> Result<Batch, ApiError> {
         ));
     }
     let ops: usize = batch.transactions.iter().map(|t| t.crud.len()).sum();
-    if ops > cfg.max_operations {
+    check_operations(state, ops)
+}
+
+/// Checks the number of operations in one request.
+pub(crate) fn check_operations(state: &AppState, ops: usize) -> Result<(), ApiError> {
+    let max = state.engine.config().max_operations;
+    if ops > max {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "a request carries at most {} operations, this one has {ops}",
-                cfg.max_operations
-            ),
+            format!("a request carries at most {max} operations, this one has {ops}"),
         ));
     }
-    Ok(batch)
+    Ok(())
 }

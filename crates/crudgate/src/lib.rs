@@ -8,7 +8,9 @@
 //! (acknowledge and reject) so a client's queue is never blocked by mistake.
 //!
 //! The data path, module by module: [`protocol`] (wire) → [`auth`] → [`schema`] → rules
-//! (authorization) → plan (check, coerce, group) → execute → respond ([`http`]).
+//! (authorization) → plan (check, coerce, group) → execute → respond ([`http`]). Other request
+//! shapes clients send (REST per operation, the Node demo's batch, raw SDK queue entries) are
+//! translated into the same batches by `dialects`.
 //!
 //! Embedding: build an [`Engine`], wrap it with an [`Authenticator`](auth::Authenticator) in an
 //! [`AppState`], and mount [`router`] in your own axum app; or call [`Engine::apply`] directly.
@@ -17,6 +19,7 @@ pub mod auth;
 mod classify;
 mod coerce;
 pub mod config;
+mod dialects;
 mod execute;
 mod http;
 mod ledger;
