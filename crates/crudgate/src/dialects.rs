@@ -142,31 +142,8 @@ struct DemoRefusal<'a> {
 }
 
 /// Parses a body of one of these shapes; on failure names what is wrong, with the path into it.
-fn parse_shape<T>(shape: &str, body: &[u8]) -> Result<T, ApiError>
-where
-    T: for<'de> Deserialize<'de>,
-{
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let inner = e.inner();
-        let path = e.path().to_string();
-        let at = if path == "." || path.is_empty() {
-            String::new()
-        } else {
-            format!(" at {path}")
-        };
-        let msg = inner.to_string();
-        // serde_json appends the position; it is printed once, in our words.
-        let msg = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "invalid {shape} body{at} (line {}, column {}): {msg}",
-                inner.line(),
-                inner.column()
-            ),
-        )
-    })
+fn parse_shape<T: serde::de::DeserializeOwned>(shape: &str, body: &[u8]) -> Result<T, ApiError> {
+    crate::protocol::parse_json(shape, body).map_err(|e| bad_request(e.0))
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {

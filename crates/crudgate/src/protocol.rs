@@ -126,13 +126,21 @@ pub struct ParseError(pub String);
 
 /// Parses a request body, naming where it went wrong.
 pub fn parse_batch(body: &[u8]) -> Result<Batch, ParseError> {
-    // Most bodies are fine: parse them directly, and only a failure again with path tracking
-    // (which costs a good share of the parse) to say where.
-    if let Ok(batch) = serde_json::from_slice::<Batch>(body) {
-        return Ok(batch);
+    parse_json("request", body)
+}
+
+/// Parses a JSON body of some shape (`what` names it in messages). Most bodies are fine: they
+/// are parsed directly, and only a failure is parsed again with path tracking (which costs a
+/// good share of a parse) to say where it went wrong.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    body: &[u8],
+) -> Result<T, ParseError> {
+    if let Ok(value) = serde_json::from_slice::<T>(body) {
+        return Ok(value);
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let batch: Batch = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let inner = e.inner();
         let path = e.path().to_string();
         let at = if path == "." || path.is_empty() {
@@ -141,13 +149,12 @@ pub fn parse_batch(body: &[u8]) -> Result<Batch, ParseError> {
             format!(" at {path}")
         };
         ParseError(format!(
-            "invalid request body{at} (line {}, column {}): {}",
+            "invalid {what} body{at} (line {}, column {}): {}",
             inner.line(),
             inner.column(),
             strip_position(&inner.to_string())
         ))
-    })?;
-    Ok(batch)
+    })
 }
 
 /// serde_json appends " at line L column C" to its messages; we print the position once.
