@@ -453,7 +453,7 @@ impl Engine {
         i: usize,
         rejection: &Rejection,
         ledger: bool,
-    ) -> (TxResult, Option<Stmt>, Option<(usize, TxResult)>) {
+    ) -> (TxResult, Option<Stmt<'static>>, Option<(usize, TxResult)>) {
         let answer = self.answer(rejection);
         if matches!(
             answer,
@@ -480,7 +480,7 @@ impl Engine {
     /// security policies apply. The role switch is pipelined like the statements (no round
     /// trip of its own) and undone before crudgate's bookkeeping, which the role need not be
     /// allowed to write.
-    fn as_role(&self, data: Vec<Stmt>) -> Vec<Stmt> {
+    fn as_role<'a>(&self, data: Vec<Stmt<'a>>) -> Vec<Stmt<'a>> {
         let Some(role) = &self.inner.cfg.rls.role else {
             return data;
         };
@@ -501,7 +501,11 @@ impl Engine {
     }
 
     /// One insert for all ledger entries of a database transaction.
-    fn ledger_insert(&self, req: &Req<'_>, entries: &[(usize, TxResult)]) -> Option<Stmt> {
+    fn ledger_insert(
+        &self,
+        req: &Req<'_>,
+        entries: &[(usize, TxResult)],
+    ) -> Option<Stmt<'static>> {
         let scope = req.scope?;
         let keyed: Vec<(&TxKey, &TxResult)> = entries
             .iter()
@@ -738,13 +742,13 @@ impl Engine {
     /// One database transaction: BEGIN (with the client's lock and ledger lookup when there
     /// is a scope, awaited), then the statements `build` makes from the ledger's decisions,
     /// then COMMIT.
-    async fn attempt<T>(
+    async fn attempt<'s, T>(
         &self,
         client: &Client,
         ctx: &Context,
         mode: Mode,
         lookup: Option<(&Scope, &[String])>,
-        build: impl FnOnce(HashMap<String, Decided>) -> (Vec<Stmt>, T),
+        build: impl FnOnce(HashMap<String, Decided>) -> (Vec<Stmt<'s>>, T),
     ) -> Result<T, Failure> {
         let head = Head::prepare(
             client,
@@ -1074,7 +1078,7 @@ async fn run(
     client: &Client,
     head: &Head,
     head_sent: bool,
-    stmts: &[Stmt],
+    stmts: &[Stmt<'_>],
     mode: Mode,
 ) -> Result<(), Failure> {
     let mut prepared = Vec::with_capacity(stmts.len());
@@ -1198,7 +1202,7 @@ impl Failure {
     }
 
     fn at(
-        stmt: Option<(usize, &[Stmt])>,
+        stmt: Option<(usize, &[Stmt<'_>])>,
         e: tokio_postgres::Error,
         commit_maybe_sent: bool,
     ) -> Self {

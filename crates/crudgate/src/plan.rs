@@ -310,18 +310,21 @@ pub(crate) struct OpRef {
 
 /// A statement parameter: values travel as text (and text arrays) and are cast in SQL.
 #[derive(Debug, Clone)]
-pub(crate) enum Param {
+pub(crate) enum Param<'a> {
     Text(Option<String>),
     Texts(Vec<Option<String>>),
+    /// Values borrowed from the request's operations (bulk statements copy nothing).
+    Refs(Vec<Option<&'a str>>),
     /// Which rows of a merged PATCH set a column.
     Bools(Vec<bool>),
 }
 
-impl Param {
+impl Param<'_> {
     pub fn as_sql(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
         match self {
             Param::Text(t) => t,
             Param::Texts(t) => t,
+            Param::Refs(t) => t,
             Param::Bools(b) => b,
         }
     }
@@ -329,13 +332,13 @@ impl Param {
 
 /// One UPDATE for PATCHes of different column sets: each column of their union is set from the
 /// row's value where that row's PATCH names it (a mask per column) and to itself elsewhere.
-fn masked_patch(
-    group: &[(OpRef, &RowOp)],
-    keys: Param,
+fn masked_patch<'a>(
+    group: &[(OpRef, &'a RowOp)],
+    keys: Param<'a>,
     owner: Option<(&crate::schema::Column, &String)>,
     ops: Vec<OpRef>,
     cfg: &EngineConfig,
-) -> Stmt {
+) -> Stmt<'a> {
     let first = group[0].1;
     let t = &first.table;
     let pk = t.pk_column();
@@ -348,14 +351,14 @@ fn masked_patch(
     let mut params = Vec::with_capacity(2 * union.len() + 2);
     params.push(keys);
     for &c in &union {
-        let (vals, mask): (Vec<Option<String>>, Vec<bool>) = group
+        let (vals, mask): (Vec<Option<&str>>, Vec<bool>) = group
             .iter()
             .map(|(_, o)| match o.cols.iter().position(|&x| x == c) {
-                Some(i) => (o.vals[i].clone(), true),
+                Some(i) => (o.vals[i].as_deref(), true),
                 None => (None, false),
             })
             .unzip();
-        params.push(Param::Texts(vals));
+        params.push(Param::Refs(vals));
         params.push(Param::Bools(mask));
     }
     let mut sql = format!("update {} as _cg_t set ", t.ident);
@@ -418,9 +421,9 @@ pub(crate) enum Expect {
 
 /// One SQL statement over one or more rows, with its parameters.
 #[derive(Debug)]
-pub(crate) struct Stmt {
+pub(crate) struct Stmt<'a> {
     pub sql: String,
-    pub params: Vec<Param>,
+    pub params: Vec<Param<'a>>,
     /// The operations it applies; empty for crudgate's own bookkeeping (ledger, rejections).
     pub ops: Vec<OpRef>,
     pub expect: Expect,
@@ -428,7 +431,7 @@ pub(crate) struct Stmt {
 
 /// Statements per operation, in order (the exact path, and the naive planner). An empty PATCH
 /// needs no statement unless missing rows are rejected.
-pub(crate) fn one_per_op(tx: usize, ops: &[RowOp], cfg: &EngineConfig) -> Vec<Stmt> {
+pub(crate) fn one_per_op<'a>(tx: usize, ops: &'a [RowOp], cfg: &EngineConfig) -> Vec<Stmt<'a>> {
     ops.iter()
         .enumerate()
         .filter(|(_, op)| !is_noop(op, cfg))
@@ -452,11 +455,11 @@ fn is_noop(op: &RowOp, cfg: &EngineConfig) -> bool {
 pub(crate) fn bulk<'a>(
     ops: impl Iterator<Item = (OpRef, &'a RowOp)>,
     cfg: &EngineConfig,
-) -> Vec<Stmt> {
+) -> Vec<Stmt<'a>> {
     let mut out = Vec::new();
     let mut window: Vec<Vec<(OpRef, &RowOp)>> = Vec::new();
     let mut keys: HashSet<&str> = HashSet::new();
-    let flush = |window: &mut Vec<Vec<(OpRef, &'a RowOp)>>, out: &mut Vec<Stmt>| {
+    let flush = |window: &mut Vec<Vec<(OpRef, &'a RowOp)>>, out: &mut Vec<Stmt<'a>>| {
         for group in window.drain(..) {
             out.extend(statement(&group, cfg));
         }
@@ -517,7 +520,7 @@ fn canonical_key(t: &Table) -> bool {
 /// row count would have to be read before COMMIT, costing a round trip). The statement
 /// itself is also restricted to the caller's rows, so a row whose owner changes between guard
 /// and statement (another transaction committing in between) is still never touched.
-fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Vec<Stmt> {
+fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig) -> Vec<Stmt<'a>> {
     let Some((_, first)) = group.first() else {
         return Vec::new();
     };
@@ -529,7 +532,7 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Vec<Stmt> {
         return Vec::new();
     }
     let refs: Vec<OpRef> = group.iter().map(|(r, _)| *r).collect();
-    let keys = || Param::Texts(group.iter().map(|(_, o)| Some(o.key.clone())).collect());
+    let keys = || Param::Refs(group.iter().map(|(_, o)| Some(o.key.as_str())).collect());
     let mut out = Vec::with_capacity(2);
     let owner = first.owner.as_ref().map(|(c, id)| (&t.columns[*c], id));
     if let (Some((col, id)), false) = (owner, empty_patch) {
@@ -548,11 +551,11 @@ fn statement(group: &[(OpRef, &RowOp)], cfg: &EngineConfig) -> Vec<Stmt> {
         out.push(masked_patch(group, keys(), owner, refs, cfg));
         return out;
     }
-    let mut params: Vec<Param> = Vec::with_capacity(first.cols.len() + 2);
+    let mut params: Vec<Param<'a>> = Vec::with_capacity(first.cols.len() + 2);
     params.push(keys());
     for c in 0..first.cols.len() {
-        params.push(Param::Texts(
-            group.iter().map(|(_, o)| o.vals[c].clone()).collect(),
+        params.push(Param::Refs(
+            group.iter().map(|(_, o)| o.vals[c].as_deref()).collect(),
         ));
     }
     let arrays = params.len();
@@ -704,7 +707,7 @@ mod tests {
             .collect()
     }
 
-    fn planned(ops: &[RowOp]) -> Vec<Stmt> {
+    fn planned(ops: &[RowOp]) -> Vec<Stmt<'_>> {
         let refs = ops
             .iter()
             .enumerate()
@@ -742,7 +745,8 @@ mod tests {
 
     #[test]
     fn interleaved_operations_on_commuting_rows_become_one_statement_per_op_kind() {
-        let stmts = planned(&interleaved());
+        let ops = interleaved();
+        let stmts = planned(&ops);
         assert_eq!(
             stmts.len(),
             3,
@@ -772,7 +776,8 @@ mod tests {
     #[test]
     fn an_owned_group_gets_one_pipelined_guard_and_stays_one_statement() {
         for kind in [OpKind::Put, OpKind::Patch, OpKind::Delete] {
-            let stmts = planned(&owned(kind));
+            let ops = owned(kind);
+            let stmts = planned(&ops);
             assert_eq!(stmts.len(), 2, "{kind:?}: guard + statement");
             assert_eq!(stmts[0].expect, Expect::Guard);
             assert_eq!(stmts[0].ops.len(), 3);
@@ -787,7 +792,8 @@ mod tests {
 
     #[test]
     fn a_put_on_an_owned_table_never_updates_a_row_of_another_owner() {
-        let stmts = planned(&owned(OpKind::Put));
+        let ops = owned(OpKind::Put);
+        let stmts = planned(&ops);
         assert!(stmts[1]
             .sql
             .ends_with("where _cg_t.\"owner_id\" = excluded.\"owner_id\""));
