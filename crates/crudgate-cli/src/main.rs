@@ -57,8 +57,12 @@ async fn main() -> anyhow::Result<()> {
     if _cluster.is_some() {
         println!(
             "try: curl -s http://{addr}/api/data -H 'content-type: application/json' -d \
-             '{{\"transactions\":[{{\"transaction_id\":1,\"crud\":[{{\"op\":\"PUT\",\"table\":\"lists\",\
-             \"id\":\"8f4c5a0e-0a0b-4c6e-9d1a-2b3c4d5e6f70\",\"op_data\":{{\"name\":\"groceries\"}}}}]}}]}}'"
+             '{{\"transactions\":[{{\"transaction_id\":1,\"crud\":[\
+             {{\"op\":\"PUT\",\"table\":\"lists\",\"id\":\"8f4c5a0e-0a0b-4c6e-9d1a-2b3c4d5e6f70\",\
+             \"op_data\":{{\"name\":\"groceries\"}}}},\
+             {{\"op\":\"PUT\",\"table\":\"todos\",\"id\":\"3a4b5c6d-7e8f-4a0b-8c1d-2e3f4a5b6c7d\",\
+             \"op_data\":{{\"description\":\"milk\",\"completed\":0,\
+             \"list_id\":\"8f4c5a0e-0a0b-4c6e-9d1a-2b3c4d5e6f70\"}}}}]}}]}}'"
         );
     }
     tracing::info!(%addr, "crudgate listening");

@@ -501,11 +501,7 @@ impl Engine {
     }
 
     /// One insert for all ledger entries of a database transaction.
-    fn ledger_insert(
-        &self,
-        req: &Req<'_>,
-        entries: &[(usize, TxResult)],
-    ) -> Option<Stmt<'static>> {
+    fn ledger_insert(&self, req: &Req<'_>, entries: &[(usize, TxResult)]) -> Option<Stmt<'static>> {
         let scope = req.scope?;
         let keyed: Vec<(&TxKey, &TxResult)> = entries
             .iter()
