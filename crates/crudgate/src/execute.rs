@@ -534,7 +534,7 @@ impl Engine {
         let client = self.connection().await?;
         let ids: Vec<String> = req.keys.iter().flatten().map(|k| k.id.clone()).collect();
         let lookup = req.scope.map(|s| (s, ids.as_slice()));
-        self.attempt(&client, req.ctx, Mode::Fast, lookup, |decided| {
+        self.attempt(&client, req.ctx, Mode::Fast, lookup, |mut decided| {
             let mut results = vec![TxResult::NotAttempted; req.txs.len()];
             let mut writes = Vec::new();
             let mut entries = Vec::new();
@@ -555,6 +555,17 @@ impl Engine {
                     }
                     TxPlan::Replay(r) => r,
                 };
+                // A transaction id repeated within this request is a replay (or a conflict)
+                // of the decision just made, as it would be in a later request.
+                if let Some(k) = &req.keys[i] {
+                    if entries.last().is_some_and(|(j, _)| *j == i) {
+                        let d = Decided {
+                            fingerprint: k.fingerprint.clone(),
+                            outcome: answer.clone(),
+                        };
+                        decided.insert(k.id.clone(), d);
+                    }
+                }
                 let stop = self.stops(&answer);
                 results[i] = answer;
                 if stop {

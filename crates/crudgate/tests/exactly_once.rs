@@ -548,3 +548,24 @@ async fn ledger_entries_older_than_the_retention_are_pruned_and_newer_ones_kept(
         .collect();
     assert_eq!(left, vec!["new".to_owned()]);
 }
+
+#[tokio::test]
+async fn a_transaction_id_repeated_within_one_request_is_a_replay_or_a_conflict_not_a_retry() {
+    let (db, app) = app().await;
+    db.exec(COUNT_WRITES).await;
+    let list = seed_list(&app.db).await;
+    let todo = new_id();
+    let tx = json!({"transaction_id": 7, "crud": [
+        put("todos", todo, json!({"description": "once", "list_id": list}))
+    ]});
+    let other = json!({"transaction_id": 7, "crud": [
+        put("lists", new_id(), json!({"name": "other content"}))
+    ]});
+    let body = json!({"client_id": "client-dup", "transactions": [tx.clone(), tx, other]});
+    let r = app.apply(&body).await;
+    assert_success(&r[0]);
+    assert_success(&r[1]);
+    assert_fatal(&r[2], "IDEMPOTENCY_CONFLICT", 0);
+    assert_eq!(writes_of(&app.db, todo).await, 1, "applied once");
+    assert_eq!(count(&app.db, "lists").await, 1, "only the seeded list");
+}
