@@ -26,7 +26,9 @@ use rsa::traits::PublicKeyParts;
 use rsa::RsaPrivateKey;
 use serde_json::{json, Value};
 use sha2::Sha256;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+mod harness;
 
 const AUD: &str = "crudgate-http-test";
 
@@ -143,16 +145,6 @@ impl Jwks {
 // ---------------------------------------------------------------------------------------------
 // Database and app
 
-fn server_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| crudgate_pgtemp::shared().url())
-}
-
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    client
-}
-
 const SCHEMA: &str = r#"
 create sequence attempts;
 create function count_attempt() returns trigger language plpgsql as $$
@@ -165,6 +157,8 @@ create trigger count_attempt before insert or update or delete on lists
 struct App {
     base: String,
     db: Client,
+    /// Keeps the database until the test ends (dropped with it on a `DATABASE_URL` server).
+    _test_db: harness::TestDb,
     engine: Engine,
     http: reqwest::Client,
 }
@@ -172,24 +166,9 @@ struct App {
 /// A fresh database, the engine with an owner rule on `lists`, and the app served with an
 /// authenticator reading `jwks`.
 async fn app(jwks: &Jwks) -> App {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let name = format!(
-        "auth_http_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    );
-    let server = tokio::task::spawn_blocking(server_url)
-        .await
-        .expect("cluster");
-    connect(&server)
-        .await
-        .batch_execute(&format!("create database {name}"))
-        .await
-        .expect("create database");
-    let base = server.split('?').next().unwrap_or(&server);
-    let url = format!("{}/{name}", base.rsplit_once('/').expect("path").0);
-    let db = connect(&url).await;
-    db.batch_execute(SCHEMA).await.expect("schema");
+    let test_db = harness::TestDb::with_schema(SCHEMA).await;
+    let url = test_db.url.clone();
+    let db = test_db.client().await;
 
     let lists = TableRule {
         owner: Some("owner_id".into()),
@@ -223,6 +202,7 @@ async fn app(jwks: &Jwks) -> App {
     App {
         base: format!("http://{addr}"),
         db,
+        _test_db: test_db,
         engine,
         http: reqwest::Client::new(),
     }

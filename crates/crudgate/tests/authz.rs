@@ -6,13 +6,14 @@
 //! transaction was rolled back.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crudgate::config::{RlsConfig, SetValue, TableRule};
 use crudgate::protocol::{Batch, OpKind, TxResult};
 use crudgate::{Context, Engine, EngineConfig};
 use serde_json::{json, Value};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+mod harness;
 
 const A: &str = "alice";
 const B: &str = "bob";
@@ -47,43 +48,19 @@ struct Db {
     url: String,
     admin: Client,
     name: String,
-}
-
-fn server_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| crudgate_pgtemp::shared().url())
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let base = url.split('?').next().unwrap_or(url);
-    let (prefix, _) = base.rsplit_once('/').expect("database URL has a path");
-    format!("{prefix}/{db}")
-}
-
-async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    client
+    /// Keeps the database until the test ends (dropped with it on a `DATABASE_URL` server).
+    _db: harness::TestDb,
 }
 
 /// A fresh database with `schema` applied, and a superuser connection to it.
 async fn fresh_db(schema: &str) -> Db {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let name = format!(
-        "authz_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    );
-    let server = tokio::task::spawn_blocking(server_url)
-        .await
-        .expect("cluster");
-    let root = connect(&server).await;
-    root.batch_execute(&format!("create database {name}"))
-        .await
-        .expect("create database");
-    let url = with_database(&server, &name);
-    let admin = connect(&url).await;
-    admin.batch_execute(schema).await.expect("schema");
-    Db { url, admin, name }
+    let db = harness::TestDb::with_schema(schema).await;
+    Db {
+        url: db.url.clone(),
+        admin: db.client().await,
+        name: db.name.clone(),
+        _db: db,
+    }
 }
 
 fn rule() -> TableRule {

@@ -77,8 +77,20 @@ impl TestDb {
         TestDb::on(&server_url()).await
     }
 
+    /// A fresh database on the shared server with `schema` (SQL) instead of the demo schema.
+    pub async fn with_schema(schema: &str) -> TestDb {
+        let server = tokio::task::spawn_blocking(server_url)
+            .await
+            .expect("cluster");
+        TestDb::create(&server, schema).await
+    }
+
     /// A fresh database on the server of `server_url`.
     pub async fn on(server_url: &str) -> TestDb {
+        TestDb::create(server_url, crudgate::DEMO_SCHEMA).await
+    }
+
+    async fn create(server_url: &str, schema: &str) -> TestDb {
         let name = format!("cg_{}", uuid::Uuid::new_v4().simple());
         let admin = connect(server_url).await;
         admin
@@ -88,9 +100,9 @@ impl TestDb {
         let url = with_database(server_url, &name);
         connect(&url)
             .await
-            .batch_execute(crudgate::DEMO_SCHEMA)
+            .batch_execute(schema)
             .await
-            .expect("demo schema");
+            .expect("schema");
         TestDb {
             name,
             url,
