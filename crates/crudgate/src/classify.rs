@@ -1,5 +1,5 @@
 //! The one place where a Postgres error becomes a disposition. Every row of `classify` is
-//! provoked against a real Postgres in `tests/classify.rs`.
+//! provoked against a real Postgres in `tests/errors.rs`.
 
 /// What to do about a failed statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
