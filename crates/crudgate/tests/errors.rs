@@ -122,7 +122,7 @@ async fn an_exclusion_constraint_is_constraint_violation() {
 }
 
 #[tokio::test]
-async fn a_value_too_long_for_varchar_is_invalid_data_without_the_value() {
+async fn a_value_too_long_for_varchar_is_invalid_data_naming_the_column_without_the_value() {
     let db = TestDb::new().await;
     db.exec("create table codes (id text primary key, code varchar(3))")
         .await;
@@ -133,6 +133,7 @@ async fn a_value_too_long_for_varchar_is_invalid_data_without_the_value() {
     let f = assert_fatal(&r, "INVALID_DATA", 0);
     assert_eq!(f["details"]["sqlstate"], "22001", "{f}");
     assert!(f["message"].as_str().unwrap().contains("codes"), "{f}");
+    assert_eq!(f["details"]["column"], "code", "{f}");
     assert!(!r.to_string().contains("toolong"), "the value leaked: {r}");
     assert_eq!(count(&app.db, "codes").await, 0);
 }
