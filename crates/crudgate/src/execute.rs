@@ -409,14 +409,15 @@ impl Engine {
         req: &Req<'r>,
         i: usize,
         decided: &HashMap<String, Decided>,
+        tally: &mut Tally,
     ) -> TxPlan<'r> {
         if let Some(key) = &req.keys[i] {
             if let Some(d) = decided.get(&key.id) {
                 if d.fingerprint == key.fingerprint {
-                    Metrics::add(&self.inner.metrics.transactions_replayed_total, 1);
+                    tally.replayed += 1;
                     return TxPlan::Replay(d.outcome.clone());
                 }
-                Metrics::add(&self.inner.metrics.idempotency_conflicts_total, 1);
+                tally.conflicts += 1;
                 tracing::warn!(
                     client_id = req.ctx.client_id.as_deref().unwrap_or(""),
                     "transaction id resent with different content"
@@ -534,55 +535,59 @@ impl Engine {
         let client = self.connection().await?;
         let ids: Vec<String> = req.keys.iter().flatten().map(|k| k.id.clone()).collect();
         let lookup = req.scope.map(|s| (s, ids.as_slice()));
-        self.attempt(&client, req.ctx, Mode::Fast, lookup, |mut decided| {
-            let mut results = vec![TxResult::NotAttempted; req.txs.len()];
-            let mut writes = Vec::new();
-            let mut entries = Vec::new();
-            let mut runnable = Vec::new();
-            #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
-            for i in 0..req.txs.len() {
-                let answer = match self.plan_tx(req, i, &decided) {
-                    TxPlan::Apply(ops) => {
-                        runnable.push((i, ops));
-                        entries.push((i, TxResult::Success));
-                        TxResult::Success
+        let (results, tally) = self
+            .attempt(&client, req.ctx, Mode::Fast, lookup, |mut decided| {
+                let mut tally = Tally::default();
+                let mut results = vec![TxResult::NotAttempted; req.txs.len()];
+                let mut writes = Vec::new();
+                let mut entries = Vec::new();
+                let mut runnable = Vec::new();
+                #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
+                for i in 0..req.txs.len() {
+                    let answer = match self.plan_tx(req, i, &decided, &mut tally) {
+                        TxPlan::Apply(ops) => {
+                            runnable.push((i, ops));
+                            entries.push((i, TxResult::Success));
+                            TxResult::Success
+                        }
+                        TxPlan::Reject { rejection, ledger } => {
+                            let (answer, write, entry) = self.record(req, i, &rejection, ledger);
+                            writes.extend(write);
+                            entries.extend(entry);
+                            answer
+                        }
+                        TxPlan::Replay(r) => r,
+                    };
+                    // A transaction id repeated within this request is a replay (or a conflict)
+                    // of the decision just made, as it would be in a later request.
+                    if let Some(k) = &req.keys[i] {
+                        if entries.last().is_some_and(|(j, _)| *j == i) {
+                            let d = Decided {
+                                fingerprint: k.fingerprint.clone(),
+                                outcome: answer.clone(),
+                            };
+                            decided.insert(k.id.clone(), d);
+                        }
                     }
-                    TxPlan::Reject { rejection, ledger } => {
-                        let (answer, write, entry) = self.record(req, i, &rejection, ledger);
-                        writes.extend(write);
-                        entries.extend(entry);
-                        answer
-                    }
-                    TxPlan::Replay(r) => r,
-                };
-                // A transaction id repeated within this request is a replay (or a conflict)
-                // of the decision just made, as it would be in a later request.
-                if let Some(k) = &req.keys[i] {
-                    if entries.last().is_some_and(|(j, _)| *j == i) {
-                        let d = Decided {
-                            fingerprint: k.fingerprint.clone(),
-                            outcome: answer.clone(),
-                        };
-                        decided.insert(k.id.clone(), d);
+                    let stop = self.stops(&answer);
+                    results[i] = answer;
+                    if stop {
+                        break;
                     }
                 }
-                let stop = self.stops(&answer);
-                results[i] = answer;
-                if stop {
-                    break;
-                }
-            }
-            let ops = runnable.iter().flat_map(|&(tx, ops)| {
-                ops.iter()
-                    .enumerate()
-                    .map(move |(op, row)| (OpRef { tx, op }, row))
-            });
-            let mut stmts = self.as_role(plan::bulk(ops, cfg));
-            stmts.extend(writes);
-            stmts.extend(self.ledger_insert(req, &entries));
-            (stmts, results)
-        })
-        .await
+                let ops = runnable.iter().flat_map(|&(tx, ops)| {
+                    ops.iter()
+                        .enumerate()
+                        .map(move |(op, row)| (OpRef { tx, op }, row))
+                });
+                let mut stmts = self.as_role(plan::bulk(ops, cfg));
+                stmts.extend(writes);
+                stmts.extend(self.ledger_insert(req, &entries));
+                (stmts, (results, tally))
+            })
+            .await?;
+        tally.count(&self.inner.metrics);
+        Ok(results)
     }
 
     /// The exact path: one database transaction per client transaction, one statement per
@@ -675,34 +680,38 @@ impl Engine {
         let client = self.connection().await?;
         let ids: Vec<String> = req.keys[i].iter().map(|k| k.id.clone()).collect();
         let lookup = req.scope.map(|s| (s, ids.as_slice()));
-        self.attempt(&client, req.ctx, mode, lookup, |decided| {
-            let plan = match (self.plan_tx(req, i, &decided), rejected) {
-                (TxPlan::Apply(_), Some(rejection)) => TxPlan::Reject {
-                    rejection,
-                    ledger: true,
-                },
-                (plan, _) => plan,
-            };
-            let mut stmts = Vec::new();
-            let mut entries = Vec::new();
-            let answer = match plan {
-                TxPlan::Apply(ops) => {
-                    stmts = self.as_role(plan::one_per_op(i, ops, cfg));
-                    entries.push((i, TxResult::Success));
-                    TxResult::Success
-                }
-                TxPlan::Reject { rejection, ledger } => {
-                    let (answer, write, entry) = self.record(req, i, &rejection, ledger);
-                    stmts.extend(write);
-                    entries.extend(entry);
-                    answer
-                }
-                TxPlan::Replay(r) => r,
-            };
-            stmts.extend(self.ledger_insert(req, &entries));
-            (stmts, answer)
-        })
-        .await
+        let (answer, tally) = self
+            .attempt(&client, req.ctx, mode, lookup, |decided| {
+                let mut tally = Tally::default();
+                let plan = match (self.plan_tx(req, i, &decided, &mut tally), rejected) {
+                    (TxPlan::Apply(_), Some(rejection)) => TxPlan::Reject {
+                        rejection,
+                        ledger: true,
+                    },
+                    (plan, _) => plan,
+                };
+                let mut stmts = Vec::new();
+                let mut entries = Vec::new();
+                let answer = match plan {
+                    TxPlan::Apply(ops) => {
+                        stmts = self.as_role(plan::one_per_op(i, ops, cfg));
+                        entries.push((i, TxResult::Success));
+                        TxResult::Success
+                    }
+                    TxPlan::Reject { rejection, ledger } => {
+                        let (answer, write, entry) = self.record(req, i, &rejection, ledger);
+                        stmts.extend(write);
+                        entries.extend(entry);
+                        answer
+                    }
+                    TxPlan::Replay(r) => r,
+                };
+                stmts.extend(self.ledger_insert(req, &entries));
+                (stmts, (answer, tally))
+            })
+            .await?;
+        tally.count(&self.inner.metrics);
+        Ok(answer)
     }
 
     async fn connection(&self) -> Result<Client, Failure> {
@@ -943,6 +952,21 @@ async fn probe(client: &Client, type_full: &str, v: &str) -> Result<(), tokio_po
     // Leave no client value behind on a pooled connection.
     client.batch_execute("reset crudgate.probe").await?;
     result
+}
+
+/// Replays and conflicts met while planning an attempt; counted only once that attempt has
+/// committed, so retries and the exact path's replay of a request do not count them twice.
+#[derive(Default)]
+struct Tally {
+    replayed: u64,
+    conflicts: u64,
+}
+
+impl Tally {
+    fn count(&self, m: &Metrics) {
+        Metrics::add(&m.transactions_replayed_total, self.replayed);
+        Metrics::add(&m.idempotency_conflicts_total, self.conflicts);
+    }
 }
 
 /// The request being applied, shared by its attempts.

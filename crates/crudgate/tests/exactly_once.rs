@@ -569,3 +569,31 @@ async fn a_transaction_id_repeated_within_one_request_is_a_replay_or_a_conflict_
     assert_eq!(writes_of(&app.db, todo).await, 1, "applied once");
     assert_eq!(count(&app.db, "lists").await, 1, "only the seeded list");
 }
+
+#[tokio::test]
+async fn a_replay_is_counted_once_even_when_its_request_falls_back_to_the_exact_path() {
+    let (_db, app) = app().await;
+    let first =
+        json!({"transaction_id": 1, "crud": [put("lists", new_id(), json!({"name": "a"}))]});
+    let body = json!({"client_id": "client-m", "transactions": [first.clone()]});
+    assert_success(&app.apply(&body).await[0]);
+    // The replay rides with a transaction that fails: the bulk attempt falls back and the
+    // exact path plans the replay again.
+    let failing = json!({"transaction_id": 2, "crud": [
+        put("todos", new_id(), json!({"description": "x", "list_id": new_id()}))
+    ]});
+    let r = app
+        .apply(&json!({"client_id": "client-m", "transactions": [first, failing]}))
+        .await;
+    assert_success(&r[0]);
+    assert_fatal(&r[1], "FOREIGN_KEY_VIOLATION", 0);
+    let (_, _, metrics) = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("crudgate_fast_path_fallbacks_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("crudgate_transactions_replayed_total 1"),
+        "{metrics}"
+    );
+}
