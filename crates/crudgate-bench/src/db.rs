@@ -193,43 +193,76 @@ impl TodoArrays {
     }
 }
 
-/// One column of a PATCH group, typed.
-enum ColVec {
-    Text(Vec<Option<String>>),
-    Bool(Vec<bool>),
-    Ts(Vec<Option<DateTime<Utc>>>),
+/// Every PATCH of a transaction as one statement: per column, a mask saying whether the op
+/// sets it and the value. One masked statement measured about 40 % faster on W1 than one
+/// `update … from unnest` per column set (four statements per request).
+#[derive(Default)]
+struct Patches {
+    id: Vec<Uuid>,
+    set_completed_at: Vec<bool>,
+    completed_at: Vec<Option<DateTime<Utc>>>,
+    set_description: Vec<bool>,
+    description: Vec<Option<String>>,
+    set_completed: Vec<bool>,
+    completed: Vec<bool>,
+    set_completed_by: Vec<bool>,
+    completed_by: Vec<Option<String>>,
 }
 
-impl ColVec {
-    fn for_field(f: &Field) -> (ColVec, &'static str) {
-        match f {
-            Field::Description(_) | Field::CompletedBy(_) => (ColVec::Text(Vec::new()), "text"),
-            Field::Completed(_) => (ColVec::Bool(Vec::new()), "bool"),
-            Field::CompletedAt(_) => (ColVec::Ts(Vec::new()), "timestamptz"),
-        }
-    }
-    fn push(&mut self, f: &Field) {
-        match (self, f) {
-            (ColVec::Text(v), Field::Description(s)) => v.push(Some(s.clone())),
-            (ColVec::Text(v), Field::CompletedBy(s)) => v.push(s.clone()),
-            (ColVec::Bool(v), Field::Completed(b)) => v.push(*b),
-            (ColVec::Ts(v), Field::CompletedAt(t)) => v.push(t.map(micros)),
-            _ => unreachable!("column sets are uniform within a group"),
-        }
-    }
-    fn as_sql(&self) -> &(dyn ToSql + Sync) {
-        match self {
-            ColVec::Text(v) => v,
-            ColVec::Bool(v) => v,
-            ColVec::Ts(v) => v,
-        }
-    }
-}
+const PATCH: &str = "update todos as t set \
+     completed_at = case when v.m0 then v.c0 else t.completed_at end, \
+     description = case when v.m1 then v.c1 else t.description end, \
+     completed = case when v.m2 then v.c2 else t.completed end, \
+     completed_by = case when v.m3 then v.c3 else t.completed_by end \
+     from unnest($1::uuid[], $2::bool[], $3::timestamptz[], $4::bool[], $5::text[], $6::bool[], $7::bool[], $8::bool[], $9::text[]) \
+     as v(id, m0, c0, m1, c1, m2, c2, m3, c3) where t.id = v.id";
 
-struct PatchGroup {
-    sql: String,
-    ids: Vec<Uuid>,
-    cols: Vec<ColVec>,
+impl Patches {
+    fn push(&mut self, id: Uuid, fields: &[Field]) {
+        self.id.push(id);
+        self.set_completed_at.push(false);
+        self.completed_at.push(None);
+        self.set_description.push(false);
+        self.description.push(None);
+        self.set_completed.push(false);
+        self.completed.push(false);
+        self.set_completed_by.push(false);
+        self.completed_by.push(None);
+        let i = self.id.len() - 1;
+        for f in fields {
+            match f {
+                Field::CompletedAt(t) => {
+                    self.set_completed_at[i] = true;
+                    self.completed_at[i] = t.map(micros);
+                }
+                Field::Description(d) => {
+                    self.set_description[i] = true;
+                    self.description[i] = Some(d.clone());
+                }
+                Field::Completed(b) => {
+                    self.set_completed[i] = true;
+                    self.completed[i] = *b;
+                }
+                Field::CompletedBy(b) => {
+                    self.set_completed_by[i] = true;
+                    self.completed_by[i] = b.clone();
+                }
+            }
+        }
+    }
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.id,
+            &self.set_completed_at,
+            &self.completed_at,
+            &self.set_description,
+            &self.description,
+            &self.set_completed,
+            &self.completed,
+            &self.set_completed_by,
+            &self.completed_by,
+        ]
+    }
 }
 
 /// A connection applying transactions of ops with the fastest SQL we know.
@@ -256,7 +289,7 @@ impl Raw {
     }
 
     /// One database transaction, pipelined in a single round trip: BEGIN, one upsert of all
-    /// PUTs, one `update … from unnest` per PATCH column set, one delete, COMMIT. The
+    /// PUTs, one masked update of all PATCHes, one delete, COMMIT. The
     /// generator guarantees these commute (PATCH and DELETE touch distinct pre-existing rows,
     /// no row is patched twice in a transaction). A lone PUT uses a plain single-row upsert.
     pub async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
@@ -291,83 +324,33 @@ impl Raw {
             Op::Put(t) => Some(t),
             _ => None,
         }));
-        let deletes: Vec<Uuid> = ops
-            .iter()
-            .filter_map(|o| match o {
-                Op::Delete(id) => Some(*id),
-                _ => None,
-            })
-            .collect();
-        let mut groups: Vec<PatchGroup> = Vec::new();
-        let mut by_shape: HashMap<Vec<&'static str>, usize> = HashMap::new();
+        let mut patches = Patches::default();
+        let mut deletes: Vec<Uuid> = Vec::new();
         for o in ops {
-            let Op::Patch(id, fields) = o else { continue };
-            let shape: Vec<&'static str> = fields.iter().map(Field::column).collect();
-            let g = *by_shape.entry(shape.clone()).or_insert_with(|| {
-                let mut types = Vec::new();
-                let cols = fields
-                    .iter()
-                    .map(|f| {
-                        let (v, ty) = ColVec::for_field(f);
-                        types.push(ty);
-                        v
-                    })
-                    .collect();
-                let set: Vec<String> = shape.iter().enumerate().map(|(i, c)| format!("{c} = v.c{i}")).collect();
-                let arrays: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("${}::{t}[]", i + 2)).collect();
-                let names: Vec<String> = (0..shape.len()).map(|i| format!("c{i}")).collect();
-                let sql = format!(
-                    "update todos as t set {} from unnest($1::uuid[], {}) as v(id, {}) where t.id = v.id",
-                    set.join(", "),
-                    arrays.join(", "),
-                    names.join(", ")
-                );
-                groups.push(PatchGroup { sql, ids: Vec::new(), cols });
-                groups.len() - 1
-            });
-            groups[g].ids.push(*id);
-            for (col, f) in groups[g].cols.iter_mut().zip(fields) {
-                col.push(f);
+            match o {
+                Op::Put(_) => {}
+                Op::Patch(id, fields) => patches.push(*id, fields),
+                Op::Delete(id) => deletes.push(*id),
             }
         }
-        let upsert = if puts.id.is_empty() {
-            None
-        } else {
-            Some(self.stmt(UPSERT).await?)
-        };
-        let delete = if deletes.is_empty() {
-            None
-        } else {
-            Some(
-                self.stmt("delete from todos where id = any($1::uuid[])")
-                    .await?,
-            )
-        };
-        let mut updates = Vec::new();
-        for g in &groups {
-            updates.push(self.stmt(&g.sql).await?);
-        }
-        let group_params: Vec<Vec<&(dyn ToSql + Sync)>> = groups
-            .iter()
-            .map(|g| {
-                let mut p: Vec<&(dyn ToSql + Sync)> = vec![&g.ids];
-                p.extend(g.cols.iter().map(ColVec::as_sql));
-                p
-            })
-            .collect();
-        let put_params = puts.params();
+        let upsert = self.stmt(UPSERT).await?;
+        let patch = self.stmt(PATCH).await?;
+        let delete = self
+            .stmt("delete from todos where id = any($1::uuid[])")
+            .await?;
+        let (put_params, patch_params) = (puts.params(), patches.params());
         let delete_params: [&(dyn ToSql + Sync); 1] = [&deletes];
         let c = &self.client;
         let mut pipeline: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
         pipeline.push(c.batch_execute("begin").map(|r| r.map(|_| 0)).boxed());
-        if let Some(st) = &upsert {
-            pipeline.push(c.execute(st, &put_params).boxed());
+        if !puts.id.is_empty() {
+            pipeline.push(c.execute(&upsert, &put_params).boxed());
         }
-        for (st, p) in updates.iter().zip(&group_params) {
-            pipeline.push(c.execute(st, p).boxed());
+        if !patches.id.is_empty() {
+            pipeline.push(c.execute(&patch, &patch_params).boxed());
         }
-        if let Some(st) = &delete {
-            pipeline.push(c.execute(st, &delete_params).boxed());
+        if !deletes.is_empty() {
+            pipeline.push(c.execute(&delete, &delete_params).boxed());
         }
         pipeline.push(c.batch_execute("commit").map(|r| r.map(|_| 0)).boxed());
         try_join_all(pipeline).await?;

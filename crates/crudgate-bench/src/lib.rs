@@ -12,7 +12,8 @@
 //!   transaction; 1 and 8 clients, crudgate, naive planner (1 client) and raw SQL.
 //! - W1b: the same ops, requests of 50 client transactions of 2 ops.
 //! - W2: one 10,000-op transaction of PUTs in one request; crudgate, naive, raw.
-//! - W3: 1,000 single-PUT requests, 1 and 8 clients; raw = 1,000 single-row commits.
+//! - W3: 1,000 single-PUT requests, 1 and 8 clients; raw = 1,000 single-row commits, from 1
+//!   and from 8 connections.
 //! - RSS: 8 clients × 10 requests of 1,000 ops against `target/release/crudgate`.
 
 pub mod db;
@@ -174,6 +175,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         spec("W3", Mode::Crudgate, 3, 1, 1),
         spec("W3", Mode::Crudgate, 4, 1, 1),
         spec("W3", Mode::Raw, 3, 1, 1),
+        spec("W3", Mode::Raw, 4, 1, 1),
     ];
     let specs: Vec<Spec> = specs
         .into_iter()

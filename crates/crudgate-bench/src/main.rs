@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use clap::Parser;
 use crudgate_bench::{run, Options};
 
+// The same allocator as the `crudgate` binary, so that crudgate served in-process here costs
+// what the shipped server costs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "crudgate-bench",

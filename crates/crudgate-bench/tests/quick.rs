@@ -20,10 +20,10 @@ async fn quick_mode_runs_and_verifies() {
         only: Vec::new(),
     };
     let report = run(&opts).await.expect("benchmark verifies every workload");
-    assert_eq!(report.measurements.len(), 13);
+    assert_eq!(report.measurements.len(), 14);
     assert!(report.measurements.iter().all(|m| m.median_ops_per_s > 0.0));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    assert_eq!(json["measurements"].as_array().unwrap().len(), 13);
+    assert_eq!(json["measurements"].as_array().unwrap().len(), 14);
     println!("{}", report.table());
     std::fs::remove_file(out).ok();
 }
