@@ -33,9 +33,7 @@ fn to_text(kind: &Kind, v: &Value, bytea: ByteaEncoding) -> Result<String, Misma
         },
         Kind::Text | Kind::Other => Ok(plain_text(v)),
         Kind::Uuid => match v {
-            Value::String(s) => uuid::Uuid::try_parse(s.trim())
-                .map(|u| u.hyphenated().to_string())
-                .map_err(|_| Mismatch),
+            Value::String(s) => uuid_text(s),
             _ => Err(Mismatch),
         },
         Kind::Enum(labels) => match v {
@@ -65,6 +63,13 @@ fn to_text(kind: &Kind, v: &Value, bytea: ByteaEncoding) -> Result<String, Misma
             Ok(out)
         }
     }
+}
+
+/// A uuid in any form the uuid crate reads, as Postgres prints it.
+pub fn uuid_text(s: &str) -> Result<String, Mismatch> {
+    uuid::Uuid::try_parse(s.trim())
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| Mismatch)
 }
 
 fn plain_text(v: &Value) -> String {
@@ -226,8 +231,12 @@ fn bytes(s: &str, encoding: ByteaEncoding) -> Result<Vec<u8>, Mismatch> {
 /// Timestamps with a zone are kept; without one they are UTC (never the session TimeZone).
 fn timestamptz(s: &str) -> Result<String, Mismatch> {
     use chrono::{DateTime, NaiveDate, NaiveDateTime};
-    if matches!(s.to_ascii_lowercase().as_str(), "infinity" | "-infinity") {
+    if s.eq_ignore_ascii_case("infinity") || s.eq_ignore_ascii_case("-infinity") {
         return Ok(s.to_owned());
+    }
+    // The common case (what the SDKs send) without trying formats one by one.
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_rfc3339());
     }
     const NAIVE: [&str; 4] = [
         "%Y-%m-%dT%H:%M:%S%.f",

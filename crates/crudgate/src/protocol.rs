@@ -34,15 +34,21 @@ pub enum OpKind {
 
 impl<'de> Deserialize<'de> for OpKind {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.to_ascii_uppercase().as_str() {
-            "PUT" => Ok(OpKind::Put),
-            "PATCH" => Ok(OpKind::Patch),
-            "DELETE" => Ok(OpKind::Delete),
-            _ => Err(serde::de::Error::custom(
-                "unknown op: expected PUT, PATCH or DELETE",
-            )),
+        // A visitor reads the op in place: no string is allocated per operation.
+        struct Op;
+        impl serde::de::Visitor<'_> for Op {
+            type Value = OpKind;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("PUT, PATCH or DELETE")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<OpKind, E> {
+                [OpKind::Put, OpKind::Patch, OpKind::Delete]
+                    .into_iter()
+                    .find(|k| s.eq_ignore_ascii_case(k.as_str()))
+                    .ok_or_else(|| E::custom("unknown op: expected PUT, PATCH or DELETE"))
+            }
         }
+        d.deserialize_str(Op)
     }
 }
 

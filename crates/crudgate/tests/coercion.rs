@@ -415,3 +415,127 @@ async fn an_enum_label_added_after_crudgate_started_is_accepted() {
         "{elated,low}"
     );
 }
+
+// Bulk statements send uuid, boolean, integer and timestamptz columns as typed binary arrays;
+// the rows must come out as the text path would store them.
+
+#[tokio::test]
+async fn a_bulk_put_of_typed_columns_stores_what_the_text_path_stores() {
+    let (_db, app) = kinds_app().await;
+    let (a, b) = (new_id().to_string(), new_id().to_string());
+    let r = app
+        .apply_tx(vec![
+            put(
+                "kinds",
+                &a,
+                json!({"flag": "t", "qty": "2147483647", "at": "2024-03-01 10:00:00+02:00",
+                       "ref": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}),
+            ),
+            put(
+                "kinds",
+                &b,
+                json!({"flag": 0, "qty": -2147483648i64, "at": null, "ref": null}),
+            ),
+        ])
+        .await;
+    assert_success(&r);
+    assert_eq!(read::<Option<bool>>(&app, &a, "flag").await, Some(true));
+    assert_eq!(read::<Option<i32>>(&app, &a, "qty").await, Some(i32::MAX));
+    assert_eq!(
+        read::<Option<DateTime<Utc>>>(&app, &a, "at").await,
+        Some(Utc.with_ymd_and_hms(2024, 3, 1, 8, 0, 0).unwrap())
+    );
+    assert_eq!(
+        read::<Option<String>>(&app, &a, "ref::text")
+            .await
+            .as_deref(),
+        Some("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+    );
+    assert_eq!(read::<Option<bool>>(&app, &b, "flag").await, Some(false));
+    assert_eq!(read::<Option<i32>>(&app, &b, "qty").await, Some(i32::MIN));
+    assert_eq!(read::<Option<DateTime<Utc>>>(&app, &b, "at").await, None);
+    assert_eq!(read::<Option<String>>(&app, &b, "ref::text").await, None);
+}
+
+#[tokio::test]
+async fn sub_microsecond_timestamps_are_rounded_as_postgres_rounds_them() {
+    let (_db, app) = kinds_app().await;
+    let (a, b) = (new_id().to_string(), new_id().to_string());
+    let r = app
+        .apply_tx(vec![
+            put("kinds", &a, json!({"at": "2024-01-01T00:00:00.0000009Z"})),
+            put("kinds", &b, json!({"at": "2024-01-01T00:00:00.5Z"})),
+        ])
+        .await;
+    assert_success(&r);
+    // A binary timestamp would be truncated to 0 µs; Postgres's text input rounds to 1 µs.
+    assert_eq!(
+        read::<String>(&app, &a, "to_char(at, 'US')").await,
+        "000001"
+    );
+    assert_eq!(
+        read::<String>(&app, &b, "to_char(at, 'US')").await,
+        "500000"
+    );
+}
+
+#[tokio::test]
+async fn infinity_among_ordinary_timestamps_is_stored_in_a_bulk_put() {
+    let (_db, app) = kinds_app().await;
+    let (a, b) = (new_id().to_string(), new_id().to_string());
+    let r = app
+        .apply_tx(vec![
+            put("kinds", &a, json!({"at": "infinity"})),
+            put("kinds", &b, json!({"at": "2024-01-01T00:00:00Z"})),
+        ])
+        .await;
+    assert_success(&r);
+    assert_eq!(read::<String>(&app, &a, "at::text").await, "infinity");
+    assert_eq!(
+        read::<Option<DateTime<Utc>>>(&app, &b, "at").await,
+        Some(Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap())
+    );
+}
+
+#[tokio::test]
+async fn a_domain_check_failing_in_a_bulk_patch_names_its_operation() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "{KINDS} create domain small_positive as int2 check (value > 0);
+         alter table kinds add column n small_positive"
+    ))
+    .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    let ids: Vec<String> = (0..3).map(|_| new_id().to_string()).collect();
+    let puts = ids
+        .iter()
+        .map(|id| put("kinds", id, json!({"n": 1})))
+        .collect();
+    assert_success(&app.apply_tx(puts).await);
+    let r = app
+        .apply_tx(vec![
+            patch("kinds", &ids[0], json!({"n": 2})),
+            patch("kinds", &ids[1], json!({"n": 0})),
+            patch("kinds", &ids[2], json!({"n": 3})),
+        ])
+        .await;
+    assert_eq!(r["status"], "fatal_error", "{r}");
+    assert_eq!(r["failed_operation"]["operation_index"], 1, "{r}");
+    assert_eq!(
+        r["failed_operation"]["error_code"], "CHECK_VIOLATION",
+        "{r}"
+    );
+    let ns: Vec<i16> = app
+        .db
+        .query("select n from kinds order by n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ns,
+        vec![1, 1, 1],
+        "nothing of the failed transaction is kept"
+    );
+}
