@@ -419,26 +419,26 @@ async fn an_enum_label_added_after_crudgate_started_is_accepted() {
 // Bulk statements send uuid, boolean, integer and timestamptz columns as typed binary arrays;
 // the rows must come out as the text path would store them.
 
+/// PUTs two new rows of `kinds` in one transaction, so in one bulk statement; returns their ids.
+async fn put_two(app: &TestApp, a: Value, b: Value) -> (String, String) {
+    let ids = (new_id().to_string(), new_id().to_string());
+    let r = app
+        .apply_tx(vec![put("kinds", &ids.0, a), put("kinds", &ids.1, b)])
+        .await;
+    assert_success(&r);
+    ids
+}
+
 #[tokio::test]
 async fn a_bulk_put_of_typed_columns_stores_what_the_text_path_stores() {
     let (_db, app) = kinds_app().await;
-    let (a, b) = (new_id().to_string(), new_id().to_string());
-    let r = app
-        .apply_tx(vec![
-            put(
-                "kinds",
-                &a,
-                json!({"flag": "t", "qty": "2147483647", "at": "2024-03-01 10:00:00+02:00",
-                       "ref": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}),
-            ),
-            put(
-                "kinds",
-                &b,
-                json!({"flag": 0, "qty": -2147483648i64, "at": null, "ref": null}),
-            ),
-        ])
-        .await;
-    assert_success(&r);
+    let (a, b) = put_two(
+        &app,
+        json!({"flag": "t", "qty": "2147483647", "at": "2024-03-01 10:00:00+02:00",
+               "ref": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"}),
+        json!({"flag": 0, "qty": -2147483648i64, "at": null, "ref": null}),
+    )
+    .await;
     assert_eq!(read::<Option<bool>>(&app, &a, "flag").await, Some(true));
     assert_eq!(read::<Option<i32>>(&app, &a, "qty").await, Some(i32::MAX));
     assert_eq!(
@@ -460,36 +460,27 @@ async fn a_bulk_put_of_typed_columns_stores_what_the_text_path_stores() {
 #[tokio::test]
 async fn sub_microsecond_timestamps_are_rounded_as_postgres_rounds_them() {
     let (_db, app) = kinds_app().await;
-    let (a, b) = (new_id().to_string(), new_id().to_string());
-    let r = app
-        .apply_tx(vec![
-            put("kinds", &a, json!({"at": "2024-01-01T00:00:00.0000009Z"})),
-            put("kinds", &b, json!({"at": "2024-01-01T00:00:00.5Z"})),
-        ])
-        .await;
-    assert_success(&r);
+    let (a, b) = put_two(
+        &app,
+        json!({"at": "2024-01-01T00:00:00.0000009Z"}),
+        json!({"at": "2024-01-01T00:00:00.5Z"}),
+    )
+    .await;
     // A binary timestamp would be truncated to 0 µs; Postgres's text input rounds to 1 µs.
-    assert_eq!(
-        read::<String>(&app, &a, "to_char(at, 'US')").await,
-        "000001"
-    );
-    assert_eq!(
-        read::<String>(&app, &b, "to_char(at, 'US')").await,
-        "500000"
-    );
+    let micros = |id| read::<String>(&app, id, "to_char(at, 'US')");
+    assert_eq!(micros(&a).await, "000001");
+    assert_eq!(micros(&b).await, "500000");
 }
 
 #[tokio::test]
 async fn infinity_among_ordinary_timestamps_is_stored_in_a_bulk_put() {
     let (_db, app) = kinds_app().await;
-    let (a, b) = (new_id().to_string(), new_id().to_string());
-    let r = app
-        .apply_tx(vec![
-            put("kinds", &a, json!({"at": "infinity"})),
-            put("kinds", &b, json!({"at": "2024-01-01T00:00:00Z"})),
-        ])
-        .await;
-    assert_success(&r);
+    let (a, b) = put_two(
+        &app,
+        json!({"at": "infinity"}),
+        json!({"at": "2024-01-01T00:00:00Z"}),
+    )
+    .await;
     assert_eq!(read::<String>(&app, &a, "at::text").await, "infinity");
     assert_eq!(
         read::<Option<DateTime<Utc>>>(&app, &b, "at").await,
