@@ -92,39 +92,30 @@ pub fn requests(load: &Load, ops_per_request: usize, ops_per_tx: usize) -> Vec<V
 
 /// Sends each client's requests in order on its own keep-alive connection, all clients at
 /// once. Every request must come back 200 with `success` for each transaction.
+///
+/// The clients speak HTTP/1.1 themselves over one TCP connection each, as load generators such
+/// as wrk do: on two cores shared with the server and Postgres, a full client library's own CPU
+/// would be measured as the server's.
 pub async fn drive(base: &str, per_client: Vec<Vec<Request>>) -> anyhow::Result<Sample> {
-    let url = format!("{base}/api/data");
+    let addr = base
+        .strip_prefix("http://")
+        .context("an http:// base address")?
+        .to_owned();
     let ops: usize = per_client.iter().flatten().map(|r| r.ops).sum();
     let barrier = Arc::new(Barrier::new(per_client.len() + 1));
     let mut tasks = Vec::new();
     for reqs in per_client {
-        let url = url.clone();
         let barrier = barrier.clone();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(1)
-            .tcp_nodelay(true)
-            .build()?;
+        let addr = addr.clone();
         tasks.push(tokio::spawn(async move {
-            // One request outside the clock would change the table; instead open the
-            // connection with a health check.
-            http.get(url.replace("/api/data", "/health"))
-                .send()
-                .await?
-                .error_for_status()?;
+            let mut conn = Connection::open(&addr).await?;
             barrier.wait().await;
             let mut lat = Vec::with_capacity(reqs.len());
             for r in reqs {
                 let t0 = Instant::now();
-                let res = http
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(r.body)
-                    .send()
-                    .await?;
-                let status = res.status();
-                let bytes = res.bytes().await?;
+                let (status, body) = conn.post("/api/data", &r.body).await?;
                 lat.push(t0.elapsed().as_secs_f64() * 1e3);
-                check(status, &bytes, r.txs)?;
+                check(status, &body, r.txs)?;
             }
             anyhow::Ok(lat)
         }));
@@ -139,9 +130,65 @@ pub async fn drive(base: &str, per_client: Vec<Vec<Request>>) -> anyhow::Result<
     Ok(Sample::new(ops, secs, lats.concat()))
 }
 
-fn check(status: reqwest::StatusCode, bytes: &[u8], txs: usize) -> anyhow::Result<()> {
+/// A keep-alive HTTP/1.1 connection that posts JSON and reads responses with a
+/// `content-length` (what crudgate sends).
+struct Connection {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+    host: String,
+}
+
+impl Connection {
+    async fn open(addr: &str) -> anyhow::Result<Connection> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            stream: tokio::io::BufReader::new(stream),
+            host: addr.to_owned(),
+        })
+    }
+
+    async fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let s = self.stream.get_mut();
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("status line {line:?}"))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line).await? == 0 {
+                bail!("connection closed in the response head");
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = Some(value.trim().parse::<usize>()?);
+                }
+            }
+        }
+        let mut body = vec![0; length.context("a response without content-length")?];
+        self.stream.read_exact(&mut body).await?;
+        Ok((status, body))
+    }
+}
+
+fn check(status: u16, bytes: &[u8], txs: usize) -> anyhow::Result<()> {
     let text = || String::from_utf8_lossy(&bytes[..bytes.len().min(600)]).into_owned();
-    if status != reqwest::StatusCode::OK {
+    if status != 200 {
         bail!("HTTP {status}: {}", text());
     }
     let v: serde_json::Value =
