@@ -584,12 +584,14 @@ pub(crate) fn bulk<'a>(
 }
 
 /// Whether equal rows always have equal key text (as the planner's distinct-row check assumes).
-/// Not so for citext, char(n) or domains, whose different spellings can name one row: in one
-/// bulk UPDATE, only one of two such PATCHes would apply. Their operations are not grouped.
+/// Not so for citext, char(n), domains or text under a nondeterministic collation, whose
+/// different spellings can name one row: in one bulk UPDATE, only one of two such PATCHes
+/// would apply. Their operations are not grouped.
 fn canonical_key(t: &Table) -> bool {
     let pk = t.pk_column();
-    matches!(pk.kind, Kind::Uuid | Kind::Int { .. })
-        || matches!(pk.type_sql.as_str(), "text" | "character varying")
+    pk.deterministic
+        && (matches!(pk.kind, Kind::Uuid | Kind::Int { .. })
+            || matches!(pk.type_sql.as_str(), "text" | "character varying"))
 }
 
 /// The statements for a group of same-shaped operations on distinct rows of one table: the

@@ -44,6 +44,9 @@ pub struct Column {
     pub kind: Kind,
     /// Generated and identity-always columns cannot be written by clients.
     pub writable: bool,
+    /// Equal values have equal text: false under a nondeterministic collation, where "abc" and
+    /// "ABC" can be one key.
+    pub deterministic: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +86,7 @@ impl Table {
                 type_name: "text".into(),
                 kind: Kind::Text,
                 writable: true,
+                deterministic: true,
             })
             .collect();
         Table {
@@ -231,6 +235,7 @@ impl Catalog {
                 type_name: r.get("type_sql"),
                 kind,
                 writable: r.get("writable"),
+                deterministic: r.get("deterministic"),
             });
         }
 
@@ -328,6 +333,8 @@ select n.nspname::text as nspname,
        coalesce(et.typname::text, '') as elem_name,
        coalesce(et.typtype = 'e', false) as elem_is_enum,
        a.attgenerated = '' and a.attidentity <> 'a' as writable,
+       coalesce((select co.collisdeterministic from pg_collation co where co.oid = a.attcollation),
+                true) as deterministic,
        (select array_agg(ka.attname::text)
           from pg_constraint k
           join pg_attribute ka on ka.attrelid = k.conrelid and ka.attnum = any(k.conkey)

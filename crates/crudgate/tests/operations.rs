@@ -616,34 +616,52 @@ async fn names_that_need_quoting_work() {
 
 #[tokio::test]
 async fn two_spellings_of_one_key_in_a_case_insensitive_key_apply_in_order() {
-    // citext: "abc" and "ABC" name the same row, so they may not share a bulk statement.
-    let db = harness::TestDb::new().await;
-    db.exec("create extension if not exists citext; create table tags (id citext primary key, v int not null)")
-        .await;
-    let app = spawn_app(&db.url, EngineConfig::default()).await;
-    // One request each: a failure in one would send the others down the exact path.
-    for ops in [
-        vec![put("tags", "abc", json!({"v": 0}))],
-        vec![
-            patch("tags", "abc", json!({"v": 1})),
-            patch("tags", "ABC", json!({"v": 2})),
-        ],
-        vec![
-            put("tags", "xyz", json!({"v": 1})),
-            put("tags", "XYZ", json!({"v": 2})),
-        ],
+    // "abc" and "ABC" name the same row, so they may not share a bulk statement: in one UPDATE,
+    // only one of the two PATCHes would apply.
+    for key_type in [
+        "citext",
+        "text collate case_insensitive", // a nondeterministic ICU collation
     ] {
-        assert_success(&app.apply_tx(ops).await);
+        let db = harness::TestDb::new().await;
+        db.exec(&format!(
+            "create extension if not exists citext;
+             create collation case_insensitive
+                 (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             create table tags (id {key_type} primary key, v int not null, w int)"
+        ))
+        .await;
+        let app = spawn_app(&db.url, EngineConfig::default()).await;
+        // One request each: a failure in one would send the others down the exact path.
+        for ops in [
+            vec![put("tags", "abc", json!({"v": 0}))],
+            vec![
+                patch("tags", "abc", json!({"v": 1})),
+                patch("tags", "ABC", json!({"w": 2})),
+            ],
+            vec![
+                put("tags", "xyz", json!({"v": 1})),
+                put("tags", "XYZ", json!({"v": 2})),
+            ],
+        ] {
+            assert_success(&app.apply_tx(ops).await);
+        }
+        let rows: Vec<(String, i32, Option<i32>)> = app
+            .db
+            .query(
+                "select id::text, v, w from tags order by lower(id::text)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![("abc".to_owned(), 1, Some(2)), ("xyz".to_owned(), 2, None)],
+            "{key_type}"
+        );
     }
-    let rows: Vec<(String, i32)> = app
-        .db
-        .query("select id::text, v from tags order by lower(id::text)", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(rows, vec![("abc".to_owned(), 2), ("xyz".to_owned(), 2)]);
 }
 
 #[tokio::test]
