@@ -255,6 +255,46 @@ impl Engine {
         ok
     }
 
+    /// Whether a column that refused a value while planning has another type in the database
+    /// than in the catalog, or is gone: one catalog query per such column, no refresh.
+    async fn retyped(&self, catalog: &Catalog, prepared: &[Result<Vec<RowOp>, Rejection>]) -> bool {
+        let columns: Vec<(Arc<crate::schema::Table>, usize)> = prepared
+            .iter()
+            .filter_map(|p| p.as_ref().err())
+            .filter(|r| r.code == "INVALID_DATA")
+            .filter_map(|r| {
+                let access = catalog.access(r.details.get("table")?.as_str()?).ok()?;
+                let c = access.column(r.details.get("column")?.as_str()?)?;
+                Some((access.table.clone(), c))
+            })
+            .collect();
+        if columns.is_empty() {
+            return false;
+        }
+        let Ok(client) = self.inner.pool.get().await else {
+            return false;
+        };
+        for (table, c) in &columns {
+            let col = &table.columns[*c];
+            let now = client
+                .query_opt(
+                    "select format_type(a.atttypid, a.atttypmod) from pg_attribute a \
+                     join pg_class c on c.oid = a.attrelid \
+                     join pg_namespace n on n.oid = c.relnamespace \
+                     where n.nspname = $1 and c.relname = $2 and a.attname = $3 \
+                     and not a.attisdropped",
+                    &[&table.schema, &table.name, &col.name],
+                )
+                .await;
+            match now {
+                Ok(Some(row)) if row.get::<_, String>(0) == col.type_full => {}
+                Ok(_) => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
     /// Applies a batch: each client transaction atomically, in order, committed before this
     /// returns. Runs to completion even if the caller stops waiting (a client that hangs up
     /// must not leave a half-sent transaction on a pooled connection).
@@ -325,6 +365,15 @@ impl Engine {
                 schema_retry = false;
                 if let Some(fresh) = self.catalog().await {
                     prepared = prepare(&fresh);
+                }
+            } else if schema_retry && self.retyped(&catalog, &prepared).await {
+                // A value refused for a column whose type has since changed (int to text,
+                // say) may fit the new type: rejecting it would lose a good write.
+                schema_retry = false;
+                if self.refresh_schema().await.is_ok() {
+                    if let Some(fresh) = self.catalog().await {
+                        prepared = prepare(&fresh);
+                    }
                 }
             }
             let req = Req {

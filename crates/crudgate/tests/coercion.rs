@@ -416,6 +416,19 @@ async fn an_enum_label_added_after_crudgate_started_is_accepted() {
     );
 }
 
+#[tokio::test]
+async fn a_value_for_a_column_retyped_after_crudgate_started_is_checked_against_the_new_type() {
+    let (db, app) = kinds_app().await;
+    let (_, r) = put_kinds(&app, json!({"qty": "two"})).await;
+    assert_fatal(&r, "INVALID_DATA", 0);
+    // A migration widens the column; the write that was invalid is now good and must not be
+    // rejected (the client would drop it) on the strength of the old type.
+    db.exec("alter table kinds alter column qty type text")
+        .await;
+    let id = put_ok(&app, json!({"qty": "two"})).await;
+    assert_eq!(read::<String>(&app, &id, "qty").await, "two");
+}
+
 // Bulk statements send uuid, boolean, integer and timestamptz columns as typed binary arrays;
 // the rows must come out as the text path would store them.
 
