@@ -486,6 +486,21 @@ async fn sub_microsecond_timestamps_are_rounded_as_postgres_rounds_them() {
 }
 
 #[tokio::test]
+async fn a_leap_second_in_a_bulk_put_is_stored_as_postgres_reads_it() {
+    let (_db, app) = kinds_app().await;
+    let (a, _) = put_two(
+        &app,
+        json!({"at": "2016-12-31T23:59:60Z"}),
+        json!({"at": "2024-01-01T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(
+        read::<Option<DateTime<Utc>>>(&app, &a, "at").await,
+        Some(Utc.with_ymd_and_hms(2017, 1, 1, 0, 0, 0).unwrap())
+    );
+}
+
+#[tokio::test]
 async fn infinity_among_ordinary_timestamps_is_stored_in_a_bulk_put() {
     let (_db, app) = kinds_app().await;
     let (a, b) = put_two(
