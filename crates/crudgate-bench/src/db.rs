@@ -132,16 +132,23 @@ pub async fn verify(url: &str, expected: &BTreeMap<Uuid, Todo>) -> anyhow::Resul
     Ok(got)
 }
 
-const COLUMNS: &str =
-    "id, created_at, completed_at, description, completed, created_by, completed_by, list_id";
-const UPDATE_ALL: &str = "created_at = excluded.created_at, completed_at = excluded.completed_at, \
-     description = excluded.description, completed = excluded.completed, created_by = excluded.created_by, \
-     completed_by = excluded.completed_by, list_id = excluded.list_id";
-const UPSERT: &str = "insert into todos (id, created_at, completed_at, description, completed, created_by, completed_by, list_id) \
-     select * from unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::bool[], $6::text[], $7::text[], $8::uuid[]) \
-     on conflict (id) do update set created_at = excluded.created_at, completed_at = excluded.completed_at, \
-     description = excluded.description, completed = excluded.completed, created_by = excluded.created_by, \
-     completed_by = excluded.completed_by, list_id = excluded.list_id";
+/// An upsert of every `todos` column from `$source` (eight values or arrays, in column order).
+macro_rules! upsert {
+    ($source:literal) => {
+        concat!(
+            "insert into todos (id, created_at, completed_at, description, completed, created_by, completed_by, list_id) ",
+            $source,
+            " on conflict (id) do update set created_at = excluded.created_at, \
+             completed_at = excluded.completed_at, description = excluded.description, \
+             completed = excluded.completed, created_by = excluded.created_by, \
+             completed_by = excluded.completed_by, list_id = excluded.list_id"
+        )
+    };
+}
+const UPSERT: &str = upsert!(
+    "select * from unnest($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::text[], $5::bool[], $6::text[], $7::text[], $8::uuid[])"
+);
+const UPSERT_ONE: &str = upsert!("values ($1, $2, $3, $4, $5, $6, $7, $8)");
 
 /// Typed column arrays of some rows, sent as binary array parameters.
 struct TodoArrays {
@@ -294,10 +301,7 @@ impl Raw {
     /// no row is patched twice in a transaction). A lone PUT uses a plain single-row upsert.
     pub async fn apply(&mut self, ops: &[Op]) -> anyhow::Result<()> {
         if let [Op::Put(t)] = ops {
-            let sql = format!(
-                "insert into todos ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8) on conflict (id) do update set {UPDATE_ALL}"
-            );
-            let st = self.stmt(&sql).await?;
+            let st = self.stmt(UPSERT_ONE).await?;
             let (created_at, completed_at) = (micros(t.created_at), t.completed_at.map(micros));
             let params: [&(dyn ToSql + Sync); 8] = [
                 &t.id,

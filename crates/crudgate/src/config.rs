@@ -169,16 +169,6 @@ pub enum SetValue {
     Now,
 }
 
-impl SetValue {
-    /// The value as written in the configuration (for messages).
-    pub fn describe(&self) -> String {
-        match self {
-            SetValue::Claim(path) => format!("claim:{}", path.join(".")),
-            SetValue::Now => "now()".into(),
-        }
-    }
-}
-
 impl<'de> Deserialize<'de> for SetValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

@@ -30,6 +30,7 @@ use crate::ledger::{self, Decided, Scope, Tables, TxKey};
 use crate::metrics::Metrics;
 use crate::plan::{self, Context, Expect, OpRef, Param, Rejection, RowOp, Stmt, WriteHook};
 use crate::protocol::{Batch, FailedOperation, Transaction, TxResult};
+use crate::rules::Access;
 use crate::schema::{quote_ident, Catalog, Kind};
 
 /// Why the engine could not be built.
@@ -256,17 +257,13 @@ impl Engine {
     }
 
     /// Whether a column that refused a value while planning has another type in the database
-    /// than in the catalog, or is gone: one catalog query per such column, no refresh.
+    /// than in the catalog, or is gone: one catalog query per such column.
     async fn retyped(&self, catalog: &Catalog, prepared: &[Result<Vec<RowOp>, Rejection>]) -> bool {
-        let columns: Vec<(Arc<crate::schema::Table>, usize)> = prepared
+        let columns: Vec<(&Arc<Access>, usize)> = prepared
             .iter()
             .filter_map(|p| p.as_ref().err())
             .filter(|r| r.code == "INVALID_DATA")
-            .filter_map(|r| {
-                let access = catalog.access(r.details.get("table")?.as_str()?).ok()?;
-                let c = access.column(r.details.get("column")?.as_str()?)?;
-                Some((access.table.clone(), c))
-            })
+            .filter_map(|r| rejected_column(catalog, r))
             .collect();
         if columns.is_empty() {
             return false;
@@ -274,8 +271,8 @@ impl Engine {
         let Ok(client) = self.inner.pool.get().await else {
             return false;
         };
-        for (table, c) in &columns {
-            let col = &table.columns[*c];
+        for (access, c) in columns {
+            let (table, col) = (&access.table, &access.table.columns[c]);
             let now = client
                 .query_opt(
                     "select format_type(a.atttypid, a.atttypmod) from pg_attribute a \
@@ -359,21 +356,16 @@ impl Engine {
             let unknown_names = prepared.iter().any(|p| {
                 matches!(p, Err(r) if r.code == "SCHEMA_MISMATCH" || unknown_label(&catalog, r))
             });
-            if unknown_names && schema_retry && self.refresh_throttled().await {
-                // The table, column or enum label may have been created since the catalog was
-                // read.
+            // The table, column or enum label may have been created since the catalog was read,
+            // or a column that refused a value retyped (int to text, say): rejecting a write
+            // that fits the database would lose it.
+            if schema_retry
+                && (unknown_names || self.retyped(&catalog, &prepared).await)
+                && self.refresh_throttled().await
+            {
                 schema_retry = false;
                 if let Some(fresh) = self.catalog().await {
                     prepared = prepare(&fresh);
-                }
-            } else if schema_retry && self.retyped(&catalog, &prepared).await {
-                // A value refused for a column whose type has since changed (int to text,
-                // say) may fit the new type: rejecting it would lose a good write.
-                schema_retry = false;
-                if self.refresh_schema().await.is_ok() {
-                    if let Some(fresh) = self.catalog().await {
-                        prepared = prepare(&fresh);
-                    }
                 }
             }
             let req = Req {
@@ -980,12 +972,15 @@ fn unknown_label(catalog: &Catalog, r: &Rejection) -> bool {
             _ => false,
         }
     }
-    let column = || {
-        let access = catalog.access(r.details.get("table")?.as_str()?).ok()?;
-        let c = access.column(r.details.get("column")?.as_str()?)?;
-        Some(has_enum(&access.table.columns[c].kind))
-    };
-    r.code == "INVALID_DATA" && column().unwrap_or(false)
+    r.code == "INVALID_DATA"
+        && rejected_column(catalog, r).is_some_and(|(a, c)| has_enum(&a.table.columns[c].kind))
+}
+
+/// The column a rejection names (in its details, by the client's names), if it still exists.
+fn rejected_column<'c>(catalog: &'c Catalog, r: &Rejection) -> Option<(&'c Arc<Access>, usize)> {
+    let access = catalog.access(r.details.get("table")?.as_str()?).ok()?;
+    let c = access.column(r.details.get("column")?.as_str()?)?;
+    Some((access, c))
 }
 
 /// Assigns a value to a column's full type (with its length or precision) the way an INSERT

@@ -213,16 +213,28 @@ pub(crate) struct TxKey {
 impl TxKey {
     /// None when the transaction has no id: it cannot be deduplicated.
     pub fn of(tx: &Transaction) -> Option<TxKey> {
-        let id = match tx.transaction_id.as_ref()? {
-            serde_json::Value::Null => return None,
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
+        let id = tx_id(tx)?;
         let content = serde_json::to_vec(&tx.crud).expect("operations serialize");
         Some(TxKey {
             id,
             fingerprint: hex::encode(Sha256::digest(&content)),
         })
+    }
+}
+
+/// A client transaction's id as text: a string as is (no JSON quotes), a number as written.
+fn tx_id(tx: &Transaction) -> Option<String> {
+    tx.transaction_id
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .map(text_of)
+}
+
+/// A JSON value as text: a string's contents, anything else as JSON.
+fn text_of(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -247,22 +259,14 @@ pub(crate) fn rejection_params(
     vec![
         ctx.user_id.clone(),
         ctx.client_id.clone(),
-        key.map(|k| k.id.clone()).or_else(|| {
-            tx.transaction_id
-                .as_ref()
-                .filter(|v| !v.is_null())
-                .map(|v| v.to_string())
-        }),
+        key.map(|k| k.id.clone()).or_else(|| tx_id(tx)),
         Some(r.operation_index.to_string()),
         op.map(|o| o.table.clone()),
         op.map(|o| o.id.0.clone()),
         op.map(|o| o.op.as_str().to_owned()),
         op.and_then(|o| json(o.op_data.as_ref())),
         op.and_then(|o| json(o.previous_values.as_ref())),
-        op.and_then(|o| o.metadata.as_ref()).map(|m| match m {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        }),
+        op.and_then(|o| o.metadata.as_ref()).map(text_of),
         Some(r.code.clone()),
         Some(r.message.clone()),
         Some(r.details.to_string()),

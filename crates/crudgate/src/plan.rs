@@ -549,9 +549,11 @@ pub(crate) fn bulk<'a>(
         if is_noop(op, cfg) {
             continue;
         }
+        // One client table, not just one server table: two client names for one table can
+        // have different rules (an owner, say), and a statement follows its first op's rule.
         let same_table = window
             .first()
-            .is_some_and(|g| Arc::ptr_eq(&g[0].1.table, &op.table));
+            .is_some_and(|g| Arc::ptr_eq(&g[0].1.access, &op.access));
         if !same_table || keys.contains(op.key.as_str()) || !canonical_key(&op.table) {
             flush(&mut window, &mut out);
             keys.clear();
@@ -610,37 +612,38 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
     let t = &first.table;
     let pk = t.pk_column();
     let n = group.len();
+    // An empty PATCH reaches here only when missing rows are rejected (see `is_noop`).
     let empty_patch = first.kind == OpKind::Patch && first.cols.is_empty();
-    if empty_patch && cfg.patch_missing == PatchMissing::Ignore {
-        return Vec::new();
-    }
     let refs: Vec<OpRef> = group.iter().map(|(r, _)| *r).collect();
-    let keys = || {
-        let keys = group.iter().map(|(_, o)| Some(o.key.as_str())).collect();
-        column_array(&pk.kind, keys, typed)
-    };
+    let keys = group.iter().map(|(_, o)| Some(o.key.as_str())).collect();
+    let (key_param, key_elem) = column_array(&pk.kind, keys, typed);
     let mut out = Vec::with_capacity(2);
     let owner = first.owner.as_ref().map(|(c, id)| (&t.columns[*c], id));
     if let (Some((col, id)), false) = (owner, empty_patch) {
-        let (key_param, key_elem) = keys();
         out.push(Stmt {
             sql: format!(
                 "select 1 / (count(*) = 0)::int from {} where {} = any($1::{key_elem}[]::{}[]) \
                  and {} is distinct from $2::text::{}",
                 t.ident, pk.ident, pk.type_sql, col.ident, col.type_sql
             ),
-            params: vec![key_param, Param::Text(Some(id.clone()))],
+            params: vec![key_param.clone(), Param::Text(Some(id.clone()))],
             ops: refs.clone(),
             expect: Expect::Guard,
         });
     }
     if first.kind == OpKind::Patch && group.iter().any(|(_, o)| o.cols != first.cols) {
-        out.push(masked_patch(group, keys(), owner, refs, cfg, typed));
+        out.push(masked_patch(
+            group,
+            (key_param, key_elem),
+            owner,
+            refs,
+            cfg,
+            typed,
+        ));
         return out;
     }
     let mut params: Vec<Param<'a>> = Vec::with_capacity(first.cols.len() + 2);
     let mut elems = Vec::with_capacity(first.cols.len() + 1);
-    let (key_param, key_elem) = keys();
     params.push(key_param);
     elems.push(key_elem);
     for (c, &col) in first.cols.iter().enumerate() {

@@ -101,18 +101,24 @@ impl Engine {
     /// on the stored row. The ledger is bypassed (it remembers the first outcome, which is
     /// exactly what is being overridden); a failing replay is rejected and stored again.
     pub async fn replay_rejection(&self, id: &str) -> Result<TxResult, String> {
-        let client = self.pool().get().await.map_err(|e| e.to_string())?;
-        let row = client
+        let missing = || format!("no rejection {id}");
+        let key = uuid::Uuid::parse_str(id).map_err(|_| missing())?;
+        // The connection goes back to the pool before the replay, which needs its own.
+        let row = self
+            .pool()
+            .get()
+            .await
+            .map_err(|e| e.to_string())?
             .query_opt(
                 &format!(
-                    "select user_id, transaction_id, transaction, claims from {} where id::text = $1",
+                    "select user_id, transaction_id, transaction, claims from {} where id = $1",
                     self.tables().rejections
                 ),
-                &[&id],
+                &[&key],
             )
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no rejection {id}"))?;
+            .ok_or_else(missing)?;
         let user_id: Option<String> = row.get(0);
         let transaction_id: Option<String> = row.get(1);
         let crud: Vec<Operation> = serde_json::from_value(row.get::<_, Value>(2))
@@ -138,14 +144,17 @@ impl Engine {
         let result = outcome.results.into_iter().next().ok_or("no result")?;
         if !matches!(result, TxResult::RetryableError { .. }) {
             let json = serde_json::to_string(&result).expect("results serialize");
-            client
+            self.pool()
+                .get()
+                .await
+                .map_err(|e| e.to_string())?
                 .execute(
                     &format!(
                         "update {} set replayed_at = now(), replay_result = $2::text::jsonb
-                          where id::text = $1",
+                          where id = $1",
                         self.tables().rejections
                     ),
-                    &[&id, &json],
+                    &[&key, &json],
                 )
                 .await
                 .map_err(|e| e.to_string())?;

@@ -216,6 +216,38 @@ async fn user_b_cannot_delete_user_a_s_row() {
 }
 
 #[tokio::test]
+async fn an_owned_alias_of_a_table_is_enforced_next_to_an_open_alias_in_one_transaction() {
+    // Two client names for one server table, only one of them owned: their operations may not
+    // share a statement, or the first one's rule would decide for both.
+    let db = fresh_db(SCHEMA).await;
+    let open = TableRule {
+        table: Some("lists".into()),
+        ..rule()
+    };
+    let owned = TableRule {
+        table: Some("lists".into()),
+        owner: Some("owner_id".into()),
+        ..rule()
+    };
+    let engine = engine(&db, config(vec![("open", open), ("owned", owned)])).await;
+    alice_owns_list_1_as(&engine, "owned").await;
+    let r = apply(
+        &engine,
+        user(B),
+        vec![
+            patch("open", LIST_2, json!({ "name": "anyone's" })),
+            patch("owned", LIST_1, json!({ "name": "bob's now" })),
+        ],
+    )
+    .await;
+    assert_fatal(&r, "UNAUTHORIZED", 1);
+    assert_eq!(
+        list(&db, LIST_1).await,
+        Some(("alice's".into(), Some(A.into())))
+    );
+}
+
+#[tokio::test]
 async fn user_b_cannot_put_over_user_a_s_row() {
     let db = fresh_db(SCHEMA).await;
     let engine = engine(&db, config(vec![("lists", owned_lists())])).await;

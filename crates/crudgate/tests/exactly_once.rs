@@ -26,6 +26,23 @@ fn with_client(client_id: &str, body: Value) -> Value {
     body
 }
 
+/// An app whose `todos` writes are counted, a list to put todos in, and a new todo's id.
+async fn counting_app() -> (TestDb, TestApp, uuid::Uuid, uuid::Uuid) {
+    let (db, app) = app().await;
+    db.exec(COUNT_WRITES).await;
+    let list = seed_list(&app.db).await;
+    (db, app, list, new_id())
+}
+
+/// A PUT of todo `todo` into `list`.
+fn put_milk(todo: uuid::Uuid, list: uuid::Uuid) -> Value {
+    put(
+        "todos",
+        todo,
+        json!({"description": "milk", "list_id": list}),
+    )
+}
+
 async fn writes_of(db: &tokio_postgres::Client, id: uuid::Uuid) -> i64 {
     db.query_one("select count(*) from todo_writes where id = $1", &[&id])
         .await
@@ -35,18 +52,11 @@ async fn writes_of(db: &tokio_postgres::Client, id: uuid::Uuid) -> i64 {
 
 #[tokio::test]
 async fn the_same_request_posted_twice_with_a_client_id_applies_once_and_answers_the_same() {
-    let (db, app) = app().await;
-    db.exec(COUNT_WRITES).await;
-    let list = seed_list(&app.db).await;
-    let todo = new_id();
+    let (_db, app, list, todo) = counting_app().await;
     let body = with_client(
         "client-a",
         batch(vec![
-            vec![put(
-                "todos",
-                todo,
-                json!({"description": "milk", "list_id": list}),
-            )],
+            vec![put_milk(todo, list)],
             vec![patch("todos", todo, json!({"completed": 1}))],
         ]),
     );
@@ -70,15 +80,8 @@ async fn the_same_request_posted_twice_with_a_client_id_applies_once_and_answers
 
 #[tokio::test]
 async fn the_client_id_header_deduplicates_like_the_body_field() {
-    let (db, app) = app().await;
-    db.exec(COUNT_WRITES).await;
-    let list = seed_list(&app.db).await;
-    let todo = new_id();
-    let body = batch(vec![vec![put(
-        "todos",
-        todo,
-        json!({"description": "milk", "list_id": list}),
-    )]]);
+    let (_db, app, list, todo) = counting_app().await;
+    let body = batch(vec![vec![put_milk(todo, list)]]);
     for _ in 0..2 {
         let res = app
             .http
@@ -96,15 +99,8 @@ async fn the_client_id_header_deduplicates_like_the_body_field() {
 
 #[tokio::test]
 async fn without_a_client_id_a_replay_is_applied_again_like_the_reference() {
-    let (db, app) = app().await;
-    db.exec(COUNT_WRITES).await;
-    let list = seed_list(&app.db).await;
-    let todo = new_id();
-    let body = batch(vec![vec![put(
-        "todos",
-        todo,
-        json!({"description": "milk", "list_id": list}),
-    )]]);
+    let (_db, app, list, todo) = counting_app().await;
+    let body = batch(vec![vec![put_milk(todo, list)]]);
     assert_success(&app.apply(&body).await[0]);
     assert_success(&app.apply(&body).await[0]);
     assert_eq!(writes_of(&app.db, todo).await, 2);
@@ -147,18 +143,8 @@ async fn lossy_proxy(upstream: String) -> String {
 
 #[tokio::test]
 async fn a_response_lost_after_commit_then_retried_applies_the_row_once() {
-    let (db, app) = app().await;
-    db.exec(COUNT_WRITES).await;
-    let list = seed_list(&app.db).await;
-    let todo = new_id();
-    let body = with_client(
-        "client-lost",
-        batch(vec![vec![put(
-            "todos",
-            todo,
-            json!({"description": "milk", "list_id": list}),
-        )]]),
-    );
+    let (_db, app, list, todo) = counting_app().await;
+    let body = with_client("client-lost", batch(vec![vec![put_milk(todo, list)]]));
     let proxy = lossy_proxy(app.base.trim_start_matches("http://").to_owned()).await;
     let lost = app
         .http
@@ -295,9 +281,39 @@ async fn rejection_rows(db: &tokio_postgres::Client) -> Vec<tokio_postgres::Row>
 }
 
 #[tokio::test]
+async fn a_string_transaction_id_is_stored_as_its_text_with_or_without_a_client_id() {
+    let (_db, app) = app().await;
+    let orphan = || {
+        let tx = put(
+            "todos",
+            new_id(),
+            json!({"description": "x", "list_id": new_id()}),
+        );
+        json!({"transaction_id": "tx-9", "crud": [tx]})
+    };
+    for body in [
+        json!({"transactions": [orphan()]}),
+        json!({"client_id": "client-s", "transactions": [orphan()]}),
+    ] {
+        assert_fatal(&app.apply(&body).await[0], "FOREIGN_KEY_VIOLATION", 0);
+    }
+    let ids: Vec<Option<String>> = rejection_rows(&app.db)
+        .await
+        .iter()
+        .map(|r| r.get(3))
+        .collect();
+    assert_eq!(ids, vec![Some("tx-9".to_owned()); 2]);
+}
+
+#[tokio::test]
 async fn a_rejected_transaction_is_stored_with_every_field_replayed_after_a_fix_and_purged_when_old(
 ) {
-    let (_db, app) = app().await;
+    // One connection: the replay must not hold one while it applies.
+    let (_db, app) = app_with(EngineConfig {
+        pool_size: 1,
+        ..EngineConfig::default()
+    })
+    .await;
     let list = seed_list(&app.db).await;
     let missing_list = new_id();
     let todo = new_id();
@@ -551,10 +567,7 @@ async fn ledger_entries_older_than_the_retention_are_pruned_and_newer_ones_kept(
 
 #[tokio::test]
 async fn a_transaction_id_repeated_within_one_request_is_a_replay_or_a_conflict_not_a_retry() {
-    let (db, app) = app().await;
-    db.exec(COUNT_WRITES).await;
-    let list = seed_list(&app.db).await;
-    let todo = new_id();
+    let (_db, app, list, todo) = counting_app().await;
     let tx = json!({"transaction_id": 7, "crud": [
         put("todos", todo, json!({"description": "once", "list_id": list}))
     ]});
