@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use crudgate::auth::{AuthMode, Authenticator};
+use crudgate::auth::Authenticator;
 use crudgate::{AppState, Engine};
 
 use settings::{Args, Command, RejectionsCommand, Settings};
@@ -42,18 +42,6 @@ async fn main() -> anyhow::Result<()> {
             (url, Some(cluster))
         }
     };
-    if settings.auth.mode == AuthMode::None {
-        tracing::warn!(
-            "AUTHENTICATION IS OFF (auth.mode = \"none\"): anyone who can reach this port can \
-             write to the database. Use it for development only."
-        );
-    }
-    if settings.engine.tables.is_empty() && !settings.engine.allow_unlisted_tables {
-        tracing::warn!(
-            "no write rules ([engine.tables.*]) and allow_unlisted_tables = false: every write \
-             will be refused as UNAUTHORIZED"
-        );
-    }
     let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     let engine = Engine::connect(&database_url, settings.engine.clone(), Vec::new()).await?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)

@@ -122,9 +122,6 @@ impl Settings {
             let Some(rest) = key.strip_prefix("CRUDGATE_") else {
                 continue;
             };
-            if rest == "CONFIG" {
-                continue;
-            }
             let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
             // Other tools share the prefix (CRUDGATE_BIN in test harnesses): only variables
             // naming one of our sections or top-level keys are configuration.

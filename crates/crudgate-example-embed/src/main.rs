@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
         Err(_) => {
-            tracing::warn!("AUTH_HS256_SECRET not set: running WITHOUT authentication");
+            // `Authenticator::new` warns that authentication is off.
             AuthConfig {
                 mode: AuthMode::None,
                 ..Default::default()

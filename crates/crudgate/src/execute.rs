@@ -85,6 +85,12 @@ impl Engine {
         hooks: Vec<Arc<dyn WriteHook>>,
     ) -> Result<Engine, StartError> {
         cfg.validate().map_err(StartError::Config)?;
+        if cfg.tables.is_empty() && !cfg.allow_unlisted_tables {
+            tracing::warn!(
+                "no write rules ([engine.tables.*]) and allow_unlisted_tables = false: every \
+                 write will be refused as UNAUTHORIZED"
+            );
+        }
         let mut pg: tokio_postgres::Config = database_url
             .parse()
             .map_err(|e: tokio_postgres::Error| StartError::DatabaseUrl(e.to_string()))?;

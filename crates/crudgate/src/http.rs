@@ -15,7 +15,7 @@ use crate::auth::{AuthError, Authenticator, Identity};
 use crate::dialects;
 use crate::execute::Engine;
 use crate::plan::Context;
-use crate::protocol::{parse_batch, Batch, BatchResponse, TxResult};
+use crate::protocol::{self, Batch, BatchResponse, TxResult};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -100,15 +100,18 @@ async fn upload(State(state): State<AppState>, req: Request) -> Result<Response,
     let (parts, body) = req.into_parts();
     let identity = authenticate(&state, &parts.headers).await?;
     let bytes = read_body(&state, body).await?;
-    let batch = match parse_batch(&bytes) {
+    let batch = match serde_json::from_slice::<Batch>(&bytes) {
         Ok(batch) => batch,
         // Only a body that is not a reference batch is looked at again, so the reference
-        // path costs nothing more than before.
-        Err(e) => match dialects::other_shape(&bytes) {
+        // path costs nothing more; and only a bad batch is explained (one more parse).
+        Err(_) => match dialects::other_shape(&bytes) {
             Some(shape) => {
                 return dialects::upload(&state, identity, &parts.headers, shape, &bytes).await
             }
-            None => return Err(ApiError::new(StatusCode::BAD_REQUEST, e.0)),
+            None => {
+                let why = protocol::explain::<Batch>("request", &bytes);
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, why.0));
+            }
         },
     };
     check_limits(&state, &batch)?;
@@ -135,18 +138,27 @@ pub(crate) async fn apply(
         claims: identity.claims,
         client_id,
     };
-    let ops: usize = batch.transactions.iter().map(|t| t.crud.len()).sum();
-    let transactions = batch.transactions.len();
-    let client_id = ctx.client_id.clone().unwrap_or_default();
-    let started = std::time::Instant::now();
+    // What the debug line needs, taken only when it will be written.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let ops: usize = batch.transactions.iter().map(|t| t.crud.len()).sum();
+        let client_id = ctx.client_id.clone().unwrap_or_default();
+        (
+            batch.transactions.len(),
+            ops,
+            client_id,
+            std::time::Instant::now(),
+        )
+    });
     let outcome = state.engine.apply(ctx, batch).await;
-    tracing::debug!(
-        transactions,
-        ops,
-        client_id,
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "batch applied"
-    );
+    if let Some((transactions, ops, client_id, started)) = logged {
+        tracing::debug!(
+            transactions,
+            ops,
+            client_id,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "batch applied"
+        );
+    }
     if outcome.unavailable {
         return Err(ApiError::unavailable(
             "database unavailable; nothing was applied",

@@ -135,32 +135,36 @@ pub fn parse_batch(body: &[u8]) -> Result<Batch, ParseError> {
     parse_json("request", body)
 }
 
-/// Parses a JSON body of some shape (`what` names it in messages). Most bodies are fine: they
-/// are parsed directly, and only a failure is parsed again with path tracking (which costs a
-/// good share of a parse) to say where it went wrong.
+/// Parses a JSON body of some shape (`what` names it in messages), explaining a failure.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     what: &str,
     body: &[u8],
 ) -> Result<T, ParseError> {
-    if let Ok(value) = serde_json::from_slice::<T>(body) {
-        return Ok(value);
-    }
+    serde_json::from_slice::<T>(body).map_err(|_| explain::<T>(what, body))
+}
+
+/// Why `body` is not a `T`: parsed again with path tracking, which costs a good share of a
+/// parse, so only once a body is known to be bad.
+pub(crate) fn explain<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> ParseError {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let inner = e.inner();
-        let path = e.path().to_string();
-        let at = if path == "." || path.is_empty() {
-            String::new()
-        } else {
-            format!(" at {path}")
-        };
-        ParseError(format!(
-            "invalid {what} body{at} (line {}, column {}): {}",
-            inner.line(),
-            inner.column(),
-            strip_position(&inner.to_string())
-        ))
-    })
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(_) => ParseError(format!("invalid {what} body")),
+        Err(e) => {
+            let inner = e.inner();
+            let path = e.path().to_string();
+            let at = if path == "." || path.is_empty() {
+                String::new()
+            } else {
+                format!(" at {path}")
+            };
+            ParseError(format!(
+                "invalid {what} body{at} (line {}, column {}): {}",
+                inner.line(),
+                inner.column(),
+                strip_position(&inner.to_string())
+            ))
+        }
+    }
 }
 
 /// serde_json appends " at line L column C" to its messages; we print the position once.

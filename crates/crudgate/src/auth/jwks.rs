@@ -18,6 +18,7 @@
 //! - Keys older than `jwks_cache_secs` are refreshed in the background on use, so removed keys
 //!   eventually stop being accepted without slowing the request that noticed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ pub(crate) struct RemoteJwks {
     current: RwLock<Snapshot>,
     /// Serialises fetches; holds what the rate limits need.
     fetching: tokio::sync::Mutex<Limits>,
+    /// A background refresh is spawned or running: requests that find the cache stale
+    /// meanwhile start no other.
+    refreshing: AtomicBool,
 }
 
 /// Why a fetch is wanted; each has its own rate rule (see the module docs).
@@ -98,6 +102,7 @@ impl RemoteJwks {
                 last_error: None,
             }),
             fetching: tokio::sync::Mutex::new(Limits::default()),
+            refreshing: AtomicBool::new(false),
         })
     }
 
@@ -108,6 +113,11 @@ impl RemoteJwks {
             // replaced whole), so the poisoned value is still consistent.
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Whether `at` is within the minimum interval between fetches.
+    fn recent(&self, at: Option<Instant>) -> bool {
+        at.is_some_and(|t| t.elapsed() < self.min_refetch)
     }
 
     /// Whether the cached keys are older than `jwks_cache_secs`.
@@ -125,7 +135,7 @@ impl RemoteJwks {
         if snap.generation != seen_generation {
             return snap;
         }
-        let recent = |at: Option<Instant>| at.is_some_and(|t| t.elapsed() < self.min_refetch);
+        let recent = |at| self.recent(at);
         let limited = match why {
             Reason::UnknownKid => {
                 recent(limits.last_unknown_kid)
@@ -182,14 +192,21 @@ impl RemoteJwks {
         }
     }
 
-    /// Starts a background refresh of stale keys. Skipped if a fetch is already running.
+    /// Starts a background refresh of stale keys. Skipped if one is already pending or a fetch
+    /// is running, and while the rate limit would refuse it (an endpoint that keeps failing
+    /// must not cost every request a task).
     pub(crate) fn refresh_in_background(self: &Arc<Self>, seen_generation: u64) {
-        if self.fetching.try_lock().is_err() {
+        match self.fetching.try_lock() {
+            Ok(limits) if !self.recent(limits.last_attempt) => {}
+            _ => return,
+        }
+        if self.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = Arc::clone(self);
         tokio::spawn(async move {
             this.refresh(seen_generation, Reason::CacheExpired).await;
+            this.refreshing.store(false, Ordering::Release);
         });
     }
 

@@ -230,7 +230,10 @@ impl Authenticator {
             remote: None,
         };
         if cfg.mode == AuthMode::None {
-            tracing::warn!("authentication is disabled (auth.mode = \"none\")");
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (auth.mode = \"none\"): anyone who can reach this server \
+                 can write to the database. Use it for development only."
+            );
             return Ok(Authenticator {
                 inner: Arc::new(inner),
             });
