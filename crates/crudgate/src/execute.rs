@@ -7,9 +7,10 @@
 //! operation, which yields the reference contract's results: the committed prefix, the failing
 //! operation's index, and what was not attempted.
 //!
-//! With a client id, each database transaction first takes the client's advisory lock and
-//! reads the ledger (one more round trip), so replays are answered from it, and records its own
-//! decisions in the same transaction as the data (see `ledger`).
+//! With a client id, each database transaction takes the client's advisory lock and records its
+//! decisions in the ledger in the same transaction as the data (see `ledger`). The fast path
+//! reads the ledger only after its insert finds a transaction already decided (one wasted
+//! attempt for a resend, no extra round trip for anything new); the exact path reads it first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -577,13 +578,42 @@ impl Engine {
 
     /// The fast path: every transaction up to the first stopping point, in one database
     /// transaction.
+    ///
+    /// Nearly every request is new, so the ledger is not read first (that would cost a round
+    /// trip): the client's lock and the ledger insert travel in the one pipeline with the
+    /// data. A transaction id decided before fails that insert (the ledger's primary key),
+    /// which rolls the attempt back whole; only then is it made again, reading the ledger.
     async fn fast_attempt(&self, req: &Req<'_>) -> Result<Vec<TxResult>, Failure> {
-        let cfg = &self.inner.cfg;
         let client = self.connection().await?;
+        match self.fast_try(&client, req, false).await {
+            Err(f) if req.scope.is_some() && f.already_decided() => {
+                self.fast_try(&client, req, true).await
+            }
+            done => done,
+        }
+    }
+
+    /// One fast attempt; `read_ledger` reads the client's decisions before planning.
+    async fn fast_try(
+        &self,
+        client: &Client,
+        req: &Req<'_>,
+        read_ledger: bool,
+    ) -> Result<Vec<TxResult>, Failure> {
+        let cfg = &self.inner.cfg;
         let ids: Vec<String> = req.keys.iter().flatten().map(|k| k.id.clone()).collect();
-        let lookup = req.scope.map(|s| (s, ids.as_slice()));
+        let lookup = req
+            .scope
+            .filter(|_| read_ledger)
+            .map(|s| (s, ids.as_slice()));
+        let pipelined_lock = req.scope.filter(|_| !read_ledger).map(|s| Stmt {
+            sql: "select pg_advisory_xact_lock($1::text::bigint)".to_owned(),
+            params: vec![Param::Text(Some(s.lock_key.to_string()))],
+            ops: Vec::new(),
+            expect: Expect::Any,
+        });
         let (results, tally) = self
-            .attempt(&client, req.ctx, Mode::Fast, lookup, |mut decided| {
+            .attempt(client, req.ctx, Mode::Fast, lookup, |mut decided| {
                 let mut tally = Tally::default();
                 let mut results = vec![TxResult::NotAttempted; req.txs.len()];
                 let mut writes = Vec::new();
@@ -627,7 +657,8 @@ impl Engine {
                         .enumerate()
                         .map(move |(op, row)| (OpRef { tx, op }, row))
                 });
-                let mut stmts = self.as_role(plan::bulk(ops, cfg));
+                let mut stmts: Vec<Stmt> = pipelined_lock.into_iter().collect();
+                stmts.extend(self.as_role(plan::bulk(ops, cfg)));
                 stmts.extend(writes);
                 stmts.extend(self.ledger_insert(req, &entries));
                 (stmts, (results, tally))
@@ -1307,6 +1338,12 @@ impl Failure {
             && !self.bookkeeping
             && self.error.is_some()
             && matches!(self.disposition(), Disposition::Reject(_))
+    }
+
+    /// The ledger already holds one of the attempt's transaction ids (its insert, the only
+    /// bookkeeping that can break a unique key, failed).
+    fn already_decided(&self) -> bool {
+        self.bookkeeping && self.db_error().is_some_and(|d| d.code().code() == "23505")
     }
 
     /// A statement applying client operations failed (so the failure names an operation).

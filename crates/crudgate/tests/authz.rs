@@ -1076,6 +1076,46 @@ async fn rls_settings_and_the_role_switch_add_no_round_trip() {
 }
 
 #[tokio::test]
+async fn a_client_id_adds_no_round_trip_and_a_resent_transaction_is_still_answered_once() {
+    let delay = std::time::Duration::from_millis(60);
+    let db = fresh_db(SCHEMA).await;
+    let url = slow_proxy(&db.url, delay).await;
+    let engine = Engine::connect(&url, config(vec![("lists", rule())]), Vec::new())
+        .await
+        .expect("engine");
+    let ctx = Context {
+        client_id: Some("device-1".into()),
+        ..user(A)
+    };
+    let request = |round: usize| -> Batch {
+        let crud = vec![put("lists", LIST_1, json!({ "name": format!("n{round}") }))];
+        serde_json::from_value(
+            json!({ "transactions": [{ "transaction_id": round, "crud": crud }] }),
+        )
+        .expect("batch")
+    };
+    let mut best = std::time::Duration::MAX;
+    for round in 0..4 {
+        let started = std::time::Instant::now();
+        let out = engine.apply(ctx.clone(), request(round)).await;
+        assert_eq!(out.results, vec![TxResult::Success]);
+        if round > 0 {
+            best = best.min(started.elapsed());
+        }
+    }
+    eprintln!("round trip {delay:?}: lock, PUT, ledger insert, COMMIT in {best:?}");
+    assert!(best < delay * 2, "took {best:?}");
+    // Resent after a later one: answered from the ledger, not applied again.
+    let out = engine.apply(ctx.clone(), request(1)).await;
+    assert_eq!(out.results, vec![TxResult::Success]);
+    assert_eq!(list(&db, LIST_1).await.map(|l| l.0).as_deref(), Some("n3"));
+    assert!(engine
+        .metrics()
+        .render()
+        .contains("crudgate_transactions_replayed_total 1"));
+}
+
+#[tokio::test]
 async fn a_role_that_cannot_be_assumed_is_a_temporary_failure_not_a_rejection() {
     let db = fresh_db(SCHEMA).await;
     let cfg = EngineConfig {
