@@ -310,14 +310,7 @@ impl Engine {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!(error = %e, "apply task failed");
-                let mut results = vec![TxResult::NotAttempted; n];
-                if let Some(r) = results.first_mut() {
-                    *r = retryable(&self.inner.cfg, "internal error; retry later");
-                }
-                Outcome {
-                    results,
-                    unavailable: false,
-                }
+                retry_first(n, &self.inner.cfg, "internal error; retry later", false)
             }
         }
     }
@@ -352,7 +345,7 @@ impl Engine {
         let mut schema_retry = true;
         loop {
             let Some(catalog) = self.catalog().await else {
-                return unavailable(txs.len(), cfg, "database unavailable");
+                return retry_first(txs.len(), cfg, "database unavailable", true);
             };
             let prepare = |catalog: &Catalog| -> Vec<Result<Vec<RowOp>, Rejection>> {
                 txs.iter()
@@ -394,7 +387,7 @@ impl Engine {
                 }
                 Err(f) => match f.disposition() {
                     Disposition::Unavailable => {
-                        return unavailable(txs.len(), cfg, "database unavailable")
+                        return retry_first(txs.len(), cfg, "database unavailable", true)
                     }
                     // Transactions rejected before the failing one must still be answered (and
                     // recorded): the exact path does that, then meets the failure again.
@@ -404,12 +397,7 @@ impl Engine {
                         return self.exact_all(&req).await;
                     }
                     Disposition::Temporary | Disposition::RetryHere => {
-                        let mut results = vec![TxResult::NotAttempted; txs.len()];
-                        results[0] = retryable(cfg, &f.summary());
-                        return Outcome {
-                            results,
-                            unavailable: false,
-                        };
+                        return retry_first(txs.len(), cfg, &f.summary(), false)
                     }
                     Disposition::Schema if schema_retry => {
                         schema_retry = false;
@@ -690,7 +678,7 @@ impl Engine {
                 Ok(r) => r,
                 Err(f) => match f.disposition() {
                     Disposition::Unavailable if !committed_any => {
-                        return unavailable(req.txs.len(), cfg, "database unavailable");
+                        return retry_first(req.txs.len(), cfg, "database unavailable", true);
                     }
                     Disposition::Reject(code) if f.op_failed() => {
                         let r = self.rejection(code, &f, req, i).await;
@@ -1388,14 +1376,16 @@ fn retryable(cfg: &EngineConfig, message: &str) -> TxResult {
     }
 }
 
-fn unavailable(n: usize, cfg: &EngineConfig, message: &str) -> Outcome {
+/// The first transaction to retry and the rest not attempted; `unavailable` when the database
+/// could not be reached before anything was applied (answered 503).
+fn retry_first(n: usize, cfg: &EngineConfig, message: &str, unavailable: bool) -> Outcome {
     let mut results = vec![TxResult::NotAttempted; n];
     if let Some(first) = results.first_mut() {
         *first = retryable(cfg, message);
     }
     Outcome {
         results,
-        unavailable: true,
+        unavailable,
     }
 }
 
