@@ -16,6 +16,7 @@ use crate::stats::Sample;
 /// A crudgate server running in this process on 127.0.0.1 and a free port.
 pub struct Server {
     pub base: String,
+    pub engine: Engine,
     stop: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -40,13 +41,14 @@ impl Server {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(crudgate::serve(
             listener,
-            AppState::new(engine, auth),
+            AppState::new(engine.clone(), auth),
             async move {
                 let _ = stopped.await;
             },
         ));
         Ok(Server {
             base: format!("http://{addr}"),
+            engine,
             stop,
             task,
         })

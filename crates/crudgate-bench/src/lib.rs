@@ -227,7 +227,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             let (sample, checksum) = ctx.measure(s, load, &expected[s.load]).await?;
             checksums[i] = checksum;
             eprintln!(
-                "run {}/{}: {:<4} {:<8} {} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  (verified)",
+                "run {}/{}: {:<4} {:<8} {} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {:>5} requests grouped  (verified)",
                 run + 1,
                 opts.runs,
                 s.workload,
@@ -235,7 +235,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 load.clients.len(),
                 sample.ops_per_s,
                 sample.p50_ms,
-                sample.p99_ms
+                sample.p99_ms,
+                sample.grouped_requests
             );
             samples[i].push(sample);
         }
@@ -395,7 +396,11 @@ impl Ctx {
                 };
                 let server = http::Server::start(&url, planner).await?;
                 let reqs = http::requests(load, s.ops_per_request, s.ops_per_tx);
-                let sample = http::drive(&server.base, reqs).await;
+                let sample = http::drive(&server.base, reqs).await.map(|mut s| {
+                    let grouped = server.engine.metrics().get("grouped_requests_total");
+                    s.grouped_requests = grouped.unwrap_or(0);
+                    s
+                });
                 server.stop().await?;
                 sample
             }

@@ -12,6 +12,8 @@ pub struct Sample {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Requests crudgate committed as members of a group commit (none for raw SQL).
+    pub grouped_requests: u64,
     #[serde(skip)]
     pub latencies_ms: Vec<f64>,
 }
@@ -27,6 +29,7 @@ impl Sample {
             p50_ms: quantile(&latencies_ms, 0.50),
             p99_ms: quantile(&latencies_ms, 0.99),
             max_ms: latencies_ms.last().copied().unwrap_or(0.0),
+            grouped_requests: 0,
             latencies_ms,
         }
     }

@@ -67,6 +67,10 @@ pub struct EngineConfig {
     pub patch_missing: PatchMissing,
     pub bytea: ByteaEncoding,
     pub planner: Planner,
+    /// Whether small requests that arrive together may share one database transaction and
+    /// its COMMIT (group commit). Each still gets its own answer; a group that fails in any way
+    /// is undone and its requests applied one by one.
+    pub group_commit: bool,
     /// Attempts for serialization failures and deadlocks before answering `retryable_error`.
     pub max_attempts: u32,
     /// `retry_after_ms` told to clients on a temporary failure.
@@ -224,6 +228,7 @@ impl Default for EngineConfig {
             patch_missing: PatchMissing::Ignore,
             bytea: ByteaEncoding::Base64,
             planner: Planner::Bulk,
+            group_commit: true,
             max_attempts: 5,
             retry_after_ms: 1000,
             pool_size: 16,

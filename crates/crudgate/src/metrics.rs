@@ -22,6 +22,15 @@ macro_rules! counters {
                 )*
                 out
             }
+
+            /// One counter's value by its name without the `crudgate_` prefix
+            /// (`"requests_total"`).
+            pub fn get(&self, name: &str) -> Option<u64> {
+                match name {
+                    $(stringify!($name) => Some(self.$name.load(Ordering::Relaxed)),)*
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -35,6 +44,9 @@ counters! {
     idempotency_conflicts_total: "Transaction ids resent with different content.",
     retryable_total: "Client transactions answered retryable_error (or 503).",
     fast_path_fallbacks_total: "Requests whose bulk attempt failed and were replayed one operation at a time.",
+    group_commits_total: "Database transactions that committed several small requests together (group commit).",
+    grouped_requests_total: "Requests committed as members of a group commit.",
+    group_fallbacks_total: "Group commits (or lone small requests in a lane) undone and applied again alone.",
 }
 
 impl Metrics {

@@ -359,6 +359,20 @@ impl Param<'_> {
             Param::Times(t) => t,
         }
     }
+
+    /// The same parameter owning its values, to outlive the request it borrows from.
+    fn into_owned(self) -> Param<'static> {
+        match self {
+            Param::Text(t) => Param::Text(t),
+            Param::Texts(t) => Param::Texts(t),
+            Param::Refs(t) => Param::Texts(t.into_iter().map(|v| v.map(str::to_owned)).collect()),
+            Param::Bools(b) => Param::Bools(b),
+            Param::Flags(b) => Param::Flags(b),
+            Param::Ints(i) => Param::Ints(i),
+            Param::Uuids(u) => Param::Uuids(u),
+            Param::Times(t) => Param::Times(t),
+        }
+    }
 }
 
 /// One column's values as an array parameter for `unnest`, with the array's element type.
@@ -508,6 +522,19 @@ pub(crate) struct Stmt<'a> {
     /// The operations it applies; empty for crudgate's own bookkeeping (ledger, rejections).
     pub ops: Vec<OpRef>,
     pub expect: Expect,
+}
+
+impl Stmt<'_> {
+    /// The same statement owning its parameters (for a group commit, whose leader runs it
+    /// from another task).
+    pub fn into_owned(self) -> Stmt<'static> {
+        Stmt {
+            sql: self.sql,
+            params: self.params.into_iter().map(Param::into_owned).collect(),
+            ops: self.ops,
+            expect: self.expect,
+        }
+    }
 }
 
 /// Statements per operation, in order (the exact path, and the naive planner). An empty PATCH

@@ -122,9 +122,18 @@ pub struct Catalog {
     /// Client table name → its access, resolved when the catalog loads.
     clients: HashMap<String, Result<Arc<Access>, Refusal>>,
     allow_unlisted: bool,
+    /// Some table has a deferrable constraint trigger of its own (not a foreign key's): it may
+    /// run at COMMIT, after the statement that fired it.
+    deferred_triggers: bool,
 }
 
 impl Catalog {
+    /// Whether a trigger may run at COMMIT (see `deferred_triggers`): it would see the
+    /// identity settings of whichever request of a group commit came last.
+    pub(crate) fn has_deferred_triggers(&self) -> bool {
+        self.deferred_triggers
+    }
+
     /// What a client may do to the table it calls `name`.
     pub(crate) fn access(&self, name: &str) -> Result<&Arc<Access>, Refusal> {
         match self.clients.get(name) {
@@ -195,6 +204,14 @@ impl Catalog {
             .map(|r| (r.get::<_, u32>(0), r.get::<_, Vec<String>>(1).into()))
             .collect();
 
+        let deferred_triggers: bool = client
+            .query_one(
+                "select exists (select 1 from pg_trigger where tgconstraint <> 0 \
+                 and not tgisinternal and tgdeferrable)",
+                &[],
+            )
+            .await?
+            .get(0);
         let rows = client.query(CATALOG_SQL, &[&schemas]).await?;
         let mut per_table: Vec<(TableKey, TableRow, Vec<Column>)> = Vec::new();
         for r in &rows {
@@ -241,6 +258,7 @@ impl Catalog {
 
         let mut catalog = Catalog {
             allow_unlisted: cfg.allow_unlisted_tables,
+            deferred_triggers,
             ..Catalog::default()
         };
         for ((schema, name), meta, columns) in per_table {

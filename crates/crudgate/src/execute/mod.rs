@@ -34,6 +34,8 @@ use crate::protocol::{Batch, FailedOperation, Transaction, TxResult};
 use crate::rules::Access;
 use crate::schema::{quote_ident, Catalog, Kind};
 
+mod group;
+
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -69,6 +71,7 @@ struct Inner {
     /// Serialises throttled refreshes; holds when the last successful one started.
     refresh_gate: tokio::sync::Mutex<Option<Instant>>,
     metrics: Metrics,
+    lanes: Arc<group::Lanes>,
 }
 
 /// A client asking for an unknown table may refresh the catalog at most this often.
@@ -128,6 +131,7 @@ impl Engine {
                 last_refresh: Mutex::new(None),
                 refresh_gate: tokio::sync::Mutex::new(None),
                 metrics: Metrics::default(),
+                lanes: Arc::default(),
             }),
         };
         if let Err(e) = engine.refresh_schema().await {
@@ -378,7 +382,7 @@ impl Engine {
             if cfg.planner == Planner::Naive {
                 return self.exact_all(&req).await;
             }
-            match self.with_retries(|| self.fast_attempt(&req)).await {
+            match self.fast(&req, &catalog).await {
                 Ok(results) => {
                     return Outcome {
                         results,
@@ -564,6 +568,23 @@ impl Engine {
         })
     }
 
+    /// The fast path, in a group commit when the request is small.
+    async fn fast(&self, req: &Req<'_>, catalog: &Catalog) -> Result<Vec<TxResult>, Failure> {
+        let mut failed = None;
+        if self.groupable(req, catalog) {
+            match self.grouped(req).await {
+                group::Laned::Answered(done) => return done,
+                group::Laned::Alone(f) => failed = f,
+            }
+        }
+        // A lone attempt in a lane counts as the first; one that met a decided transaction id
+        // goes straight to reading the ledger.
+        let decided = failed.as_ref().is_some_and(Failure::already_decided);
+        let failed = failed.filter(|_| !decided);
+        self.with_retries_after(failed, || self.fast_attempt(req, decided))
+            .await
+    }
+
     /// The fast path: every transaction up to the first stopping point, in one database
     /// transaction.
     ///
@@ -571,10 +592,14 @@ impl Engine {
     /// trip): the client's lock and the ledger insert travel in the one pipeline with the
     /// data. A transaction id decided before fails that insert (the ledger's primary key),
     /// which rolls the attempt back whole; only then is it made again, reading the ledger.
-    async fn fast_attempt(&self, req: &Req<'_>) -> Result<Vec<TxResult>, Failure> {
+    async fn fast_attempt(
+        &self,
+        req: &Req<'_>,
+        read_ledger: bool,
+    ) -> Result<Vec<TxResult>, Failure> {
         let client = self.connection().await?;
-        match self.fast_try(&client, req, false).await {
-            Err(f) if req.scope.is_some() && f.already_decided() => {
+        match self.fast_try(&client, req, read_ledger).await {
+            Err(f) if req.scope.is_some() && !read_ledger && f.already_decided() => {
                 self.fast_try(&client, req, true).await
             }
             done => done,
@@ -588,72 +613,78 @@ impl Engine {
         req: &Req<'_>,
         read_ledger: bool,
     ) -> Result<Vec<TxResult>, Failure> {
-        let cfg = &self.inner.cfg;
         let ids: Vec<String> = req.keys.iter().flatten().map(|k| k.id.clone()).collect();
         let lookup = req
             .scope
             .filter(|_| read_ledger)
             .map(|s| (s, ids.as_slice()));
-        let pipelined_lock = req.scope.filter(|_| !read_ledger).map(|s| Stmt {
-            sql: "select pg_advisory_xact_lock($1::text::bigint)".to_owned(),
-            params: vec![Param::Text(Some(s.lock_key.to_string()))],
-            ops: Vec::new(),
-            expect: Expect::Any,
-        });
+        let pipelined_lock = req.scope.filter(|_| !read_ledger).map(pipelined_lock);
         let (results, tally) = self
-            .attempt(client, req.ctx, Mode::Fast, lookup, |mut decided| {
-                let mut tally = Tally::default();
-                let mut results = vec![TxResult::NotAttempted; req.txs.len()];
-                let mut writes = Vec::new();
-                let mut entries = Vec::new();
-                let mut runnable = Vec::new();
-                #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
-                for i in 0..req.txs.len() {
-                    let answer = match self.plan_tx(req, i, &decided, &mut tally) {
-                        TxPlan::Apply(ops) => {
-                            runnable.push((i, ops));
-                            entries.push((i, TxResult::Success));
-                            TxResult::Success
-                        }
-                        TxPlan::Reject { rejection, ledger } => {
-                            let (answer, write, entry) = self.record(req, i, &rejection, ledger);
-                            writes.extend(write);
-                            entries.extend(entry);
-                            answer
-                        }
-                        TxPlan::Replay(r) => r,
-                    };
-                    // A transaction id repeated within this request is a replay (or a conflict)
-                    // of the decision just made, as it would be in a later request.
-                    if let Some(k) = &req.keys[i] {
-                        if entries.last().is_some_and(|(j, _)| *j == i) {
-                            let d = Decided {
-                                fingerprint: k.fingerprint.clone(),
-                                outcome: answer.clone(),
-                            };
-                            decided.insert(k.id.clone(), d);
-                        }
-                    }
-                    let stop = self.stops(&answer);
-                    results[i] = answer;
-                    if stop {
-                        break;
-                    }
-                }
-                let ops = runnable.iter().flat_map(|&(tx, ops)| {
-                    ops.iter()
-                        .enumerate()
-                        .map(move |(op, row)| (OpRef { tx, op }, row))
-                });
-                let mut stmts: Vec<Stmt> = pipelined_lock.into_iter().collect();
-                stmts.extend(self.as_role(plan::bulk(ops, cfg)));
-                stmts.extend(writes);
-                stmts.extend(self.ledger_insert(req, &entries));
-                (stmts, (results, tally))
+            .attempt(client, req.ctx, Mode::Fast, lookup, |decided| {
+                self.fast_plan(req, decided, pipelined_lock)
             })
             .await?;
         tally.count(&self.inner.metrics);
         Ok(results)
+    }
+
+    /// The fast path's statements and answers: every transaction up to the first stopping
+    /// point, given the ledger's decisions and the client's lock (when it is pipelined).
+    fn fast_plan<'r>(
+        &self,
+        req: &Req<'r>,
+        mut decided: HashMap<String, Decided>,
+        lock: Option<Stmt<'static>>,
+    ) -> (Vec<Stmt<'r>>, (Vec<TxResult>, Tally)) {
+        let cfg = &self.inner.cfg;
+        let mut tally = Tally::default();
+        let mut results = vec![TxResult::NotAttempted; req.txs.len()];
+        let mut writes = Vec::new();
+        let mut entries = Vec::new();
+        let mut runnable = Vec::new();
+        #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
+        for i in 0..req.txs.len() {
+            let answer = match self.plan_tx(req, i, &decided, &mut tally) {
+                TxPlan::Apply(ops) => {
+                    runnable.push((i, ops));
+                    entries.push((i, TxResult::Success));
+                    TxResult::Success
+                }
+                TxPlan::Reject { rejection, ledger } => {
+                    let (answer, write, entry) = self.record(req, i, &rejection, ledger);
+                    writes.extend(write);
+                    entries.extend(entry);
+                    answer
+                }
+                TxPlan::Replay(r) => r,
+            };
+            // A transaction id repeated within this request is a replay (or a conflict)
+            // of the decision just made, as it would be in a later request.
+            if let Some(k) = &req.keys[i] {
+                if entries.last().is_some_and(|(j, _)| *j == i) {
+                    let d = Decided {
+                        fingerprint: k.fingerprint.clone(),
+                        outcome: answer.clone(),
+                    };
+                    decided.insert(k.id.clone(), d);
+                }
+            }
+            let stop = self.stops(&answer);
+            results[i] = answer;
+            if stop {
+                break;
+            }
+        }
+        let ops = runnable.iter().flat_map(|&(tx, ops)| {
+            ops.iter()
+                .enumerate()
+                .map(move |(op, row)| (OpRef { tx, op }, row))
+        });
+        let mut stmts: Vec<Stmt> = lock.into_iter().collect();
+        stmts.extend(self.as_role(plan::bulk(ops, cfg)));
+        stmts.extend(writes);
+        stmts.extend(self.ledger_insert(req, &entries));
+        (stmts, (results, tally))
     }
 
     /// The exact path: one database transaction per client transaction, one statement per
@@ -794,15 +825,31 @@ impl Engine {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, Failure>>,
     {
+        self.with_retries_after(None, attempt).await
+    }
+
+    /// `with_retries`, when a first attempt was made elsewhere and failed with `failed`.
+    async fn with_retries_after<T, F, Fut>(
+        &self,
+        mut failed: Option<Failure>,
+        attempt: F,
+    ) -> Result<T, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failure>>,
+    {
         let cfg = &self.inner.cfg;
         let mut tries = 0;
         let mut reconnected = false;
         loop {
-            tries += 1;
-            let f = match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(f) => f,
+            let Some(f) = failed.take() else {
+                match attempt().await {
+                    Ok(v) => return Ok(v),
+                    Err(f) => failed = Some(f),
+                }
+                continue;
             };
+            tries += 1;
             match f.disposition() {
                 Disposition::RetryHere if tries < cfg.max_attempts => {
                     let base = 5u64 << tries.min(6);
@@ -1075,6 +1122,8 @@ enum Mode {
 /// The statements every transaction starts with, prepared.
 struct Head {
     immediate: bool,
+    /// In a group commit's lane (see `group`): locks are waited for briefly.
+    lane: bool,
     /// Hands the caller's identity to row-level security, with its parameters.
     identity: Option<(tokio_postgres::Statement, Vec<String>)>,
     lock: Option<tokio_postgres::Statement>,
@@ -1105,6 +1154,29 @@ fn identity_sql(rls: &RlsConfig, ctx: &Context) -> Option<(String, Vec<String>)>
 }
 const LOCK: &str = "select pg_advisory_xact_lock($1)";
 
+/// The client's lock as one more statement of the pipeline (the key travels as text, like
+/// every single value).
+fn pipelined_lock(scope: &Scope) -> Stmt<'static> {
+    Stmt {
+        sql: "select pg_advisory_xact_lock($1::text::bigint)".to_owned(),
+        params: vec![Param::Text(Some(scope.lock_key.to_string()))],
+        ops: Vec::new(),
+        expect: Expect::Any,
+    }
+}
+
+/// `identity_sql` as a statement of the pipeline (for a group commit, where each request sets
+/// its own identity before its statements).
+fn identity_stmt(rls: &RlsConfig, ctx: &Context) -> Option<Stmt<'static>> {
+    let (sql, params) = identity_sql(rls, ctx)?;
+    Some(Stmt {
+        sql,
+        params: params.into_iter().map(|p| Param::Text(Some(p))).collect(),
+        ops: Vec::new(),
+        expect: Expect::Any,
+    })
+}
+
 impl Head {
     async fn prepare(
         client: &Client,
@@ -1122,6 +1194,7 @@ impl Head {
         };
         Ok(Head {
             immediate: mode == Mode::Checked,
+            lane: false,
             identity: match identity_sql(rls, ctx) {
                 Some((sql, params)) => Some((prep(sql).await?, params)),
                 None => None,
@@ -1135,6 +1208,17 @@ impl Head {
                 None => None,
             },
         })
+    }
+
+    /// A lane's transaction: the statements carry each member's identity and lock.
+    fn lane() -> Head {
+        Head {
+            immediate: false,
+            lane: true,
+            identity: None,
+            lock: None,
+            lookup: None,
+        }
     }
 
     fn futures<'a>(
@@ -1155,7 +1239,12 @@ impl Head {
         &'a self,
         client: &'a Client,
     ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
-        let mut out = vec![client.batch_execute("begin").map(|r| r.map(|_| 0)).boxed()];
+        let begin = if self.lane {
+            group::LANE_BEGIN
+        } else {
+            "begin"
+        };
+        let mut out = vec![client.batch_execute(begin).map(|r| r.map(|_| 0)).boxed()];
         if self.immediate {
             out.push(
                 client
@@ -1326,6 +1415,11 @@ impl Failure {
             && !self.bookkeeping
             && self.error.is_some()
             && matches!(self.disposition(), Disposition::Reject(_))
+    }
+
+    /// A lock was not granted within the lock timeout (a lane's, see `group`).
+    fn lock_timeout(&self) -> bool {
+        self.db_error().is_some_and(|d| d.code().code() == "55P03")
     }
 
     /// The ledger already holds one of the attempt's transaction ids (its insert, the only

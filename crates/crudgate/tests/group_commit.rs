@@ -1,0 +1,307 @@
+//! Group commit: small requests that wait together commit in one database transaction, and
+//! grouping never changes an answer, never mixes identities, and never lets one request hold
+//! up the others.
+//!
+//! Each test first occupies the lane with a request stuck on a row lock held by another
+//! session: the lane gives up on it after its lock timeout (20 ms), and meanwhile the requests
+//! sent next are waiting, so they form a group when the lane is handed on.
+
+mod harness;
+
+use std::time::Duration;
+
+use crudgate::config::EngineConfig;
+use crudgate::protocol::{Batch, TxResult};
+use crudgate::{Context, Engine};
+use harness::*;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+const SCHEMA: &str = "
+    create table notes (
+        id uuid primary key,
+        body text not null,
+        n int check (n >= 0),
+        author text default current_setting('app.user_id', true)
+    );
+    create table held (id uuid primary key, v int);
+    create table note_writes (id uuid);
+    create function count_note_write() returns trigger language plpgsql as $$
+    begin insert into note_writes values (new.id); return new; end $$;
+    create trigger count_note_writes after insert or update on notes
+        for each row execute function count_note_write();";
+
+const HELD: &str = "00000000-0000-0000-0000-0000000000a1";
+
+async fn engine(db: &TestDb) -> Engine {
+    let cfg = EngineConfig {
+        allow_unlisted_tables: true,
+        ..EngineConfig::default()
+    };
+    Engine::connect(&db.url, cfg, vec![]).await.expect("engine")
+}
+
+async fn setup() -> (TestDb, Engine) {
+    let db = TestDb::with_schema(SCHEMA).await;
+    db.exec(&format!("insert into held values ('{HELD}', 0)"))
+        .await;
+    let engine = engine(&db).await;
+    (db, engine)
+}
+
+fn ctx(user: Option<&str>, client: &str) -> Context {
+    Context {
+        user_id: user.map(str::to_owned),
+        claims: Value::Null,
+        client_id: Some(client.to_owned()),
+    }
+}
+
+/// One client transaction of `ops`.
+fn one_tx(ops: Vec<Value>) -> Batch {
+    serde_json::from_value(batch(vec![ops])).expect("a batch")
+}
+
+fn note(id: uuid::Uuid, n: i32) -> Value {
+    put("notes", id, json!({ "body": "b", "n": n }))
+}
+
+/// Holds the `held` row in another session, and sends a request that needs it, so that the
+/// lane is busy for its lock timeout. Returns that session (roll it back to release the row)
+/// and the stuck request.
+async fn occupy_lane(
+    db: &TestDb,
+    engine: &Engine,
+    user: Option<&str>,
+) -> (tokio_postgres::Client, JoinHandle<Vec<TxResult>>) {
+    let holder = db.client().await;
+    holder
+        .batch_execute(&format!(
+            "begin; select * from held where id = '{HELD}' for update"
+        ))
+        .await
+        .expect("lock the row");
+    let (engine, ctx) = (engine.clone(), ctx(user, "stuck"));
+    let stuck = tokio::spawn(async move {
+        let b = one_tx(vec![patch("held", HELD, json!({ "v": 1 }))]);
+        engine.apply(ctx, b).await.results
+    });
+    // Let it reach the lane before the others arrive.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    (holder, stuck)
+}
+
+/// Sends each request at once, each from its own client; answers in order.
+async fn send_all(engine: &Engine, requests: Vec<(Option<&str>, Batch)>) -> Vec<Vec<TxResult>> {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, (user, b))| {
+            let (engine, ctx) = (engine.clone(), ctx(user, &format!("client-{i}")));
+            tokio::spawn(async move { engine.apply(ctx, b).await.results })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+fn metric(engine: &Engine, name: &str) -> u64 {
+    engine.metrics().get(name).expect("a counter")
+}
+
+fn json_of(r: &TxResult) -> Value {
+    serde_json::to_value(r).expect("serialize")
+}
+
+async fn scalar(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect(sql)
+        .get(0)
+}
+
+#[tokio::test]
+async fn small_requests_that_wait_together_commit_together_and_each_is_recorded() {
+    let (db, engine) = setup().await;
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    let ids: Vec<uuid::Uuid> = (0..10).map(|_| new_id()).collect();
+    let answers = send_all(
+        &engine,
+        ids.iter()
+            .map(|&id| (None, one_tx(vec![note(id, 1)])))
+            .collect(),
+    )
+    .await;
+    for a in &answers {
+        assert_success(&json_of(&a[0]));
+    }
+    assert!(
+        metric(&engine, "grouped_requests_total") >= 2,
+        "requests that waited together were grouped"
+    );
+    assert!(metric(&engine, "group_commits_total") >= 1);
+    assert_eq!(scalar(&db, "select count(*) from notes").await, 10);
+    assert_eq!(
+        scalar(&db, "select count(*) from crudgate.ledger").await,
+        10,
+        "each request's transaction is in the ledger, under its own client"
+    );
+    assert_eq!(
+        scalar(&db, "select count(distinct client_id) from crudgate.ledger").await,
+        10
+    );
+    holder.batch_execute("rollback").await.expect("release");
+    assert_success(&json_of(&stuck.await.expect("stuck request")[0]));
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_a_row_lock_does_not_hold_up_the_others() {
+    let (db, engine) = setup().await;
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    let others = send_all(
+        &engine,
+        (0..5)
+            .map(|_| (None, one_tx(vec![note(new_id(), 1)])))
+            .collect(),
+    );
+    let answers = tokio::time::timeout(Duration::from_secs(5), others)
+        .await
+        .expect("answered while the row is still locked");
+    assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
+    assert!(
+        !stuck.is_finished(),
+        "the stuck request still waits for its row"
+    );
+    holder.batch_execute("rollback").await.expect("release");
+    assert_success(&json_of(&stuck.await.expect("stuck request")[0]));
+    assert_eq!(
+        scalar(&db, "select v::bigint from held").await,
+        1,
+        "applied once the row was free"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_request_in_a_group_is_rejected_alone_and_the_others_commit() {
+    let (db, engine) = setup().await;
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    let bad = new_id();
+    let mut requests: Vec<(Option<&str>, Batch)> = (0..6)
+        .map(|_| (None, one_tx(vec![note(new_id(), 1)])))
+        .collect();
+    requests.insert(3, (None, one_tx(vec![note(new_id(), 2), note(bad, -1)])));
+    let answers = send_all(&engine, requests).await;
+    for (i, a) in answers.iter().enumerate() {
+        if i == 3 {
+            assert_fatal(&json_of(&a[0]), "CHECK_VIOLATION", 1);
+        } else {
+            assert_success(&json_of(&a[0]));
+        }
+    }
+    assert!(
+        metric(&engine, "group_fallbacks_total") >= 1,
+        "a group was undone"
+    );
+    assert_eq!(
+        scalar(&db, "select count(*) from notes").await,
+        6,
+        "the others' notes, none of the rejected transaction"
+    );
+    assert_eq!(
+        scalar(&db, "select count(*) from note_writes").await,
+        6,
+        "the undone group left no write behind"
+    );
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request");
+}
+
+#[tokio::test]
+async fn each_member_of_a_group_writes_as_its_own_user() {
+    let (db, engine) = setup().await;
+    let (holder, stuck) = occupy_lane(&db, &engine, Some("stuck-user")).await;
+    let users = ["ann", "bob", "cy", "dee", "eve", "fay"];
+    let ids: Vec<uuid::Uuid> = users.iter().map(|_| new_id()).collect();
+    send_all(
+        &engine,
+        users
+            .iter()
+            .zip(&ids)
+            .map(|(u, &id)| (Some(*u), one_tx(vec![note(id, 1)])))
+            .collect(),
+    )
+    .await;
+    assert!(metric(&engine, "grouped_requests_total") >= 2);
+    let c = db.client().await;
+    for (u, id) in users.iter().zip(&ids) {
+        let author: String = c
+            .query_one("select author from notes where id = $1", &[id])
+            .await
+            .expect("note")
+            .get(0);
+        assert_eq!(&author, u, "the default saw its own request's user");
+    }
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request");
+}
+
+#[tokio::test]
+async fn with_a_deferred_constraint_trigger_requests_with_a_user_are_not_grouped() {
+    let db = TestDb::with_schema(SCHEMA).await;
+    db.exec(&format!(
+        "insert into held values ('{HELD}', 0);
+         create function noop() returns trigger language plpgsql as $$
+         begin return null; end $$;
+         create constraint trigger late after insert on notes
+             deferrable initially deferred for each row execute function noop();"
+    ))
+    .await;
+    let engine = engine(&db).await;
+    let (holder, stuck) = occupy_lane(&db, &engine, Some("stuck-user")).await;
+    let answers = send_all(
+        &engine,
+        ["ann", "bob", "cy"]
+            .iter()
+            .map(|u| (Some(*u), one_tx(vec![note(new_id(), 1)])))
+            .collect(),
+    )
+    .await;
+    assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
+    assert_eq!(metric(&engine, "grouped_requests_total"), 0);
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request");
+}
+
+#[tokio::test]
+async fn a_resent_transaction_in_a_group_is_answered_from_the_ledger_and_applied_once() {
+    let (db, engine) = setup().await;
+    let resent = new_id();
+    let first = engine
+        .apply(ctx(None, "client-0"), one_tx(vec![note(resent, 1)]))
+        .await;
+    assert!(matches!(first.results[0], TxResult::Success));
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    // `send_all` names its clients client-0, client-1, …: the first is the resend.
+    let mut requests = vec![(None, one_tx(vec![note(resent, 1)]))];
+    requests.extend((0..4).map(|_| (None, one_tx(vec![note(new_id(), 1)]))));
+    let answers = send_all(&engine, requests).await;
+    assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
+    assert_eq!(metric(&engine, "transactions_replayed_total"), 1);
+    assert_eq!(
+        scalar(
+            &db,
+            &format!("select count(*) from note_writes where id = '{resent}'")
+        )
+        .await,
+        1,
+        "written once"
+    );
+    assert_eq!(scalar(&db, "select count(*) from notes").await, 5);
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request");
+}
