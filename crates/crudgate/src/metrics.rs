@@ -46,7 +46,7 @@ counters! {
     fast_path_fallbacks_total: "Requests whose bulk attempt failed and were replayed one operation at a time.",
     group_commits_total: "Database transactions that committed several small requests together (group commit).",
     grouped_requests_total: "Requests committed as members of a group commit.",
-    group_fallbacks_total: "Group commits (or lone small requests in a lane) undone and applied again alone.",
+    group_fallbacks_total: "Group commits undone (a member failed, or a lock was held elsewhere) whose requests were applied again one by one.",
 }
 
 impl Metrics {

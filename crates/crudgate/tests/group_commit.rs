@@ -4,10 +4,13 @@
 //!
 //! Each test first occupies the lane with a request stuck on a row lock held by another
 //! session: the lane gives up on it after its lock timeout (20 ms), and meanwhile the requests
-//! sent next are waiting, so they form a group when the lane is handed on.
+//! sent next are waiting, so they form a group when the lane is handed on (and any that come
+//! later queue behind the first of them).
 
 mod harness;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crudgate::config::EngineConfig;
@@ -15,6 +18,8 @@ use crudgate::protocol::{Batch, TxResult};
 use crudgate::{Context, Engine};
 use harness::*;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 const SCHEMA: &str = "
@@ -86,9 +91,24 @@ async fn occupy_lane(
         let b = one_tx(vec![patch("held", HELD, json!({ "v": 1 }))]);
         engine.apply(ctx, b).await.results
     });
-    // Let it reach the lane before the others arrive.
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    (holder, stuck)
+    // The others are sent once it waits for the row.
+    let watcher = db.client().await;
+    for _ in 0..1000 {
+        let waiting: i64 = watcher
+            .query_one(
+                "select count(*) from pg_stat_activity \
+                 where datname = current_database() and wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            return (holder, stuck);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("the stuck request never waited for the row");
 }
 
 /// Sends each request at once, each from its own client; answers in order.
@@ -174,6 +194,10 @@ async fn a_request_waiting_for_a_row_lock_does_not_hold_up_the_others() {
         .expect("answered while the row is still locked");
     assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
     assert!(
+        metric(&engine, "grouped_requests_total") >= 2,
+        "the lane gave up on the stuck request and grouped the others"
+    );
+    assert!(
         !stuck.is_finished(),
         "the stuck request still waits for its row"
     );
@@ -205,7 +229,7 @@ async fn a_bad_request_in_a_group_is_rejected_alone_and_the_others_commit() {
     }
     assert!(
         metric(&engine, "group_fallbacks_total") >= 1,
-        "a group was undone"
+        "the bad request's group was undone"
     );
     assert_eq!(
         scalar(&db, "select count(*) from notes").await,
@@ -262,17 +286,23 @@ async fn with_a_deferred_constraint_trigger_requests_with_a_user_are_not_grouped
     ))
     .await;
     let engine = engine(&db).await;
-    let (holder, stuck) = occupy_lane(&db, &engine, Some("stuck-user")).await;
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    // Three with a user, three without: only the latter may be grouped.
+    let users = [Some("ann"), Some("bob"), Some("cy"), None, None, None];
     let answers = send_all(
         &engine,
-        ["ann", "bob", "cy"]
+        users
             .iter()
-            .map(|u| (Some(*u), one_tx(vec![note(new_id(), 1)])))
+            .map(|u| (*u, one_tx(vec![note(new_id(), 1)])))
             .collect(),
     )
     .await;
     assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
-    assert_eq!(metric(&engine, "grouped_requests_total"), 0);
+    let grouped = metric(&engine, "grouped_requests_total");
+    assert!(
+        (2..=3).contains(&grouped),
+        "the requests without a user were grouped, those with one were not: {grouped}"
+    );
     holder.batch_execute("rollback").await.expect("release");
     stuck.await.expect("stuck request");
 }
@@ -291,6 +321,10 @@ async fn a_resent_transaction_in_a_group_is_answered_from_the_ledger_and_applied
     requests.extend((0..4).map(|_| (None, one_tx(vec![note(new_id(), 1)]))));
     let answers = send_all(&engine, requests).await;
     assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
+    assert!(
+        metric(&engine, "group_fallbacks_total") >= 1,
+        "the resend's group was undone"
+    );
     assert_eq!(metric(&engine, "transactions_replayed_total"), 1);
     assert_eq!(
         scalar(
@@ -304,4 +338,125 @@ async fn a_resent_transaction_in_a_group_is_answered_from_the_ledger_and_applied
     assert_eq!(scalar(&db, "select count(*) from notes").await, 5);
     holder.batch_execute("rollback").await.expect("release");
     stuck.await.expect("stuck request");
+}
+
+/// A TCP proxy in front of Postgres that, once armed, cuts the first connection to send COMMIT:
+/// the server gets the COMMIT and has time to apply it, the client never sees the answer.
+/// Returns the database URL through the proxy and the switch that arms it.
+async fn commit_cutting_proxy(db_url: &str) -> (String, Arc<AtomicBool>) {
+    let scheme = db_url.find("://").expect("a postgres:// URL") + 3;
+    let authority_end = scheme + db_url[scheme..].find('/').expect("a database in the URL");
+    let host_start = db_url[scheme..authority_end]
+        .rfind('@')
+        .map_or(scheme, |at| scheme + at + 1);
+    let upstream = db_url[host_start..authority_end].to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let armed = Arc::new(AtomicBool::new(false));
+    let switch = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(relay(client, upstream.clone(), armed.clone()));
+        }
+    });
+    let url = format!(
+        "{}{addr}{}",
+        &db_url[..host_start],
+        &db_url[authority_end..]
+    );
+    (url, switch)
+}
+
+async fn relay(mut client: TcpStream, upstream: String, armed: Arc<AtomicBool>) {
+    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+        return;
+    };
+    let (mut client_in, mut client_out) = client.split();
+    let (mut server_in, mut server_out) = server.split();
+    let (mut up, mut down) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        tokio::select! {
+            n = client_in.read(&mut up) => {
+                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                if server_out.write_all(&up[..n]).await.is_err() {
+                    return;
+                }
+                let commit = up[..n].windows(7).any(|w| w == b"commit\0");
+                if commit && armed.swap(false, Ordering::SeqCst) {
+                    // Let the server commit, then drop both ends before its answer gets through.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    return;
+                }
+            }
+            n = server_in.read(&mut down) => {
+                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                if client_out.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn writes_of(db: &TestDb, id: uuid::Uuid) -> i64 {
+    scalar(
+        db,
+        &format!("select count(*) from note_writes where id = '{id}'"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_commit_lost_in_the_lane_is_not_applied_again_for_a_transaction_without_an_id() {
+    let (db, _) = setup().await;
+    let (url, armed) = commit_cutting_proxy(&db.url).await;
+    let cfg = EngineConfig {
+        allow_unlisted_tables: true,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::connect(&url, cfg, vec![]).await.expect("engine");
+    let id = new_id();
+    let b: Batch = serde_json::from_value(json!({
+        "transactions": [{ "crud": [note(id, 1)] }]
+    }))
+    .expect("a batch without a transaction id");
+    armed.store(true, Ordering::SeqCst);
+    let out = engine.apply(ctx(None, "client-lost"), b).await;
+    assert!(
+        !armed.load(Ordering::SeqCst),
+        "the COMMIT went through the proxy"
+    );
+    assert!(out.unavailable, "answered 503: it may have been committed");
+    assert_eq!(
+        writes_of(&db, id).await,
+        1,
+        "committed once, and not applied again: nothing could tell a second time"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_lost_in_the_lane_is_answered_from_the_ledger_for_a_transaction_with_an_id() {
+    let (db, _) = setup().await;
+    let (url, armed) = commit_cutting_proxy(&db.url).await;
+    let cfg = EngineConfig {
+        allow_unlisted_tables: true,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::connect(&url, cfg, vec![]).await.expect("engine");
+    let id = new_id();
+    armed.store(true, Ordering::SeqCst);
+    let out = engine
+        .apply(ctx(None, "client-lost"), one_tx(vec![note(id, 1)]))
+        .await;
+    assert!(
+        !armed.load(Ordering::SeqCst),
+        "the COMMIT went through the proxy"
+    );
+    assert!(
+        matches!(out.results[0], TxResult::Success),
+        "{:?}",
+        out.results
+    );
+    assert_eq!(metric(&engine, "transactions_replayed_total"), 1);
+    assert_eq!(writes_of(&db, id).await, 1, "applied once");
 }

@@ -107,10 +107,8 @@ pub(super) enum Laned {
 #[derive(Clone, Copy, Debug)]
 enum Verdict {
     Committed,
-    /// Undone: apply each member alone.
+    /// Undone (or never begun, for want of a connection): apply each member alone.
     Undone,
-    /// No connection could be had.
-    Unavailable,
     /// The connection was lost with COMMIT sent: it may have been applied.
     Lost,
 }
@@ -301,7 +299,7 @@ impl Engine {
         let m = &self.inner.metrics;
         let client = match self.connection().await {
             Ok(client) => client,
-            Err(f) => return (Verdict::Unavailable, Some(f)),
+            Err(f) => return (Verdict::Undone, Some(f)),
         };
         match run(&client, &Head::lane(), false, stmts, Mode::Fast).await {
             Ok(()) => {
@@ -313,7 +311,9 @@ impl Engine {
             }
             Err(f) if f.commit_maybe_sent && f.db_error().is_none() => (Verdict::Lost, Some(f)),
             Err(f) => {
-                Metrics::add(&m.group_fallbacks_total, 1);
+                if size > 1 {
+                    Metrics::add(&m.group_fallbacks_total, 1);
+                }
                 tracing::debug!(requests = size, cause = %f.summary(), "group undone; applying its requests alone");
                 (Verdict::Undone, Some(f))
             }
@@ -342,11 +342,12 @@ impl Engine {
                 Laned::Answered(Ok(planned.results))
             }
             Verdict::Undone => Laned::Alone(None),
-            Verdict::Unavailable => Laned::Answered(Err(Failure::no_connection())),
-            // Alone, the request would be answered "unavailable" too: without a client id
-            // nothing tells a resend from a new write. With one, the ledger knows.
-            Verdict::Lost if req.scope.is_none() => Laned::Answered(Err(Failure::no_connection())),
-            Verdict::Lost => Laned::Alone(None),
+            // Only the ledger can tell whether it was committed, and only for transactions with
+            // an id under a client id. Alone, the others would be answered "unavailable" too.
+            Verdict::Lost if req.scope.is_some() && req.keys.iter().all(Option::is_some) => {
+                Laned::Alone(None)
+            }
+            Verdict::Lost => Laned::Answered(Err(Failure::no_connection())),
         }
     }
 }
