@@ -359,20 +359,6 @@ impl Param<'_> {
             Param::Times(t) => t,
         }
     }
-
-    /// The same parameter owning its values, to outlive the request it borrows from.
-    fn into_owned(self) -> Param<'static> {
-        match self {
-            Param::Text(t) => Param::Text(t),
-            Param::Texts(t) => Param::Texts(t),
-            Param::Refs(t) => Param::Texts(t.into_iter().map(|v| v.map(str::to_owned)).collect()),
-            Param::Bools(b) => Param::Bools(b),
-            Param::Flags(b) => Param::Flags(b),
-            Param::Ints(i) => Param::Ints(i),
-            Param::Uuids(u) => Param::Uuids(u),
-            Param::Times(t) => Param::Times(t),
-        }
-    }
 }
 
 /// One column's values as an array parameter for `unnest`, with the array's element type.
@@ -524,19 +510,6 @@ pub(crate) struct Stmt<'a> {
     pub expect: Expect,
 }
 
-impl Stmt<'_> {
-    /// The same statement owning its parameters (for a group commit, whose leader runs it
-    /// from another task).
-    pub fn into_owned(self) -> Stmt<'static> {
-        Stmt {
-            sql: self.sql,
-            params: self.params.into_iter().map(Param::into_owned).collect(),
-            ops: self.ops,
-            expect: self.expect,
-        }
-    }
-}
-
 /// Statements per operation, in order (the exact path, and the naive planner). An empty PATCH
 /// needs no statement unless missing rows are rejected.
 pub(crate) fn one_per_op<'a>(tx: usize, ops: &'a [RowOp], cfg: &EngineConfig) -> Vec<Stmt<'a>> {
@@ -589,6 +562,7 @@ pub(crate) fn bulk<'a>(
         let fits = |g: &Vec<(OpRef, &RowOp)>| {
             let f = g[0].1;
             f.kind == op.kind
+                && f.owner == op.owner
                 && f.db_cols == op.db_cols
                 && (f.cols == op.cols
                     // PATCHes of other column sets merge into one masked UPDATE, where the
@@ -931,5 +905,19 @@ mod tests {
         let stmts = planned(&ops);
         assert_eq!(stmts.len(), 1);
         assert_eq!(stmts[0].expect, Expect::Any);
+    }
+
+    #[test]
+    fn operations_of_different_owners_never_share_a_statement() {
+        // A statement's guard and conflict rule carry one owner (a group commit can bring
+        // several callers' operations together).
+        let mut ops = owned(OpKind::Patch);
+        ops[1].owner = Some((2, "mallory".into()));
+        let stmts = planned(&ops);
+        assert!(stmts.len() >= 4, "a guard and an update per owner");
+        for s in &stmts {
+            let owners: HashSet<_> = s.ops.iter().map(|r| &ops[r.op].owner).collect();
+            assert_eq!(owners.len(), 1, "{}", s.sql);
+        }
     }
 }

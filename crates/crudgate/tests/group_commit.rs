@@ -57,7 +57,7 @@ async fn setup() -> (TestDb, Engine) {
 fn ctx(user: Option<&str>, client: &str) -> Context {
     Context {
         user_id: user.map(str::to_owned),
-        claims: Value::Null,
+        claims: user.map_or(Value::Null, |u| json!({ "sub": u })),
         client_id: Some(client.to_owned()),
     }
 }
@@ -459,4 +459,87 @@ async fn a_commit_lost_in_the_lane_is_answered_from_the_ledger_for_a_transaction
     );
     assert_eq!(metric(&engine, "transactions_replayed_total"), 1);
     assert_eq!(writes_of(&db, id).await, 1, "applied once");
+}
+
+#[tokio::test]
+async fn in_a_group_a_write_to_another_users_row_is_still_refused() {
+    // Identity settings off, so requests of different users may share a group; each must still
+    // be held to its own rows.
+    let db = TestDb::with_schema(SCHEMA).await;
+    let rows: Vec<uuid::Uuid> = (0..4).map(|_| new_id()).collect();
+    db.exec(&format!("insert into held values ('{HELD}', 0)"))
+        .await;
+    for id in &rows {
+        db.exec(&format!(
+            "insert into notes (id, body, author) values ('{id}', 'ann''s', 'ann')"
+        ))
+        .await;
+    }
+    let mut cfg = EngineConfig {
+        allow_unlisted_tables: true,
+        ..EngineConfig::default()
+    };
+    cfg.rls.app_user_id = false;
+    cfg.tables.insert(
+        "notes".into(),
+        crudgate::config::TableRule {
+            owner: Some("author".into()),
+            ..Default::default()
+        },
+    );
+    let engine = Engine::connect(&db.url, cfg, vec![]).await.expect("engine");
+    let (holder, stuck) = occupy_lane(&db, &engine, Some("stuck-user")).await;
+    // Ann edits her first note; three others try her other notes, from the same group.
+    let users = ["ann", "mallory", "bob", "cy"];
+    let answers = send_all(
+        &engine,
+        users
+            .iter()
+            .zip(&rows)
+            .map(|(u, id)| {
+                (
+                    Some(*u),
+                    one_tx(vec![patch("notes", id, json!({ "body": *u }))]),
+                )
+            })
+            .collect(),
+    )
+    .await;
+    assert!(matches!(answers[0][0], TxResult::Success), "{answers:?}");
+    for a in &answers[1..] {
+        assert_fatal(&json_of(&a[0]), "UNAUTHORIZED", 0);
+    }
+    assert!(
+        metric(&engine, "grouped_requests_total") + metric(&engine, "group_fallbacks_total") >= 1
+    );
+    let c = db.client().await;
+    for (u, id) in users.iter().zip(&rows) {
+        let (body, author): (String, String) = c
+            .query_one("select body, author from notes where id = $1", &[id])
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .expect("note");
+        let expected = if *u == "ann" { "ann" } else { "ann's" };
+        assert_eq!((body.as_str(), author.as_str()), (expected, "ann"));
+    }
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request");
+}
+
+#[tokio::test]
+async fn members_of_a_group_writing_one_row_are_all_applied_in_turn() {
+    let (db, engine) = setup().await;
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    let id = new_id();
+    let answers = send_all(
+        &engine,
+        (0..6).map(|n| (None, one_tx(vec![note(id, n)]))).collect(),
+    )
+    .await;
+    assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
+    assert!(metric(&engine, "grouped_requests_total") >= 2);
+    assert_eq!(writes_of(&db, id).await, 6, "each request wrote the row");
+    assert_eq!(scalar(&db, "select count(*) from notes").await, 1);
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request");
 }

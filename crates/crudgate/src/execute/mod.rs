@@ -618,7 +618,10 @@ impl Engine {
             .scope
             .filter(|_| read_ledger)
             .map(|s| (s, ids.as_slice()));
-        let pipelined_lock = req.scope.filter(|_| !read_ledger).map(pipelined_lock);
+        let pipelined_lock = req
+            .scope
+            .filter(|_| !read_ledger)
+            .map(|s| pipelined_lock(s.lock_key));
         let (results, tally) = self
             .attempt(client, req.ctx, Mode::Fast, lookup, |decided| {
                 self.fast_plan(req, decided, pipelined_lock)
@@ -633,27 +636,39 @@ impl Engine {
     fn fast_plan<'r>(
         &self,
         req: &Req<'r>,
-        mut decided: HashMap<String, Decided>,
+        decided: HashMap<String, Decided>,
         lock: Option<Stmt<'static>>,
     ) -> (Vec<Stmt<'r>>, (Vec<TxResult>, Tally)) {
-        let cfg = &self.inner.cfg;
-        let mut tally = Tally::default();
-        let mut results = vec![TxResult::NotAttempted; req.txs.len()];
-        let mut writes = Vec::new();
-        let mut entries = Vec::new();
-        let mut runnable = Vec::new();
+        let plan = self.decide(req, decided);
+        let mut stmts: Vec<Stmt> = lock.into_iter().collect();
+        stmts.extend(self.as_role(plan::bulk(plan.ops(), &self.inner.cfg)));
+        stmts.extend(plan.writes);
+        stmts.extend(self.ledger_insert(req, &plan.entries));
+        (stmts, (plan.results, plan.tally))
+    }
+
+    /// What the fast path does with each transaction: apply it, record its rejection, or
+    /// answer it again; up to the first stopping point.
+    fn decide<'r>(&self, req: &Req<'r>, mut decided: HashMap<String, Decided>) -> Decisions<'r> {
+        let mut plan = Decisions {
+            results: vec![TxResult::NotAttempted; req.txs.len()],
+            tally: Tally::default(),
+            runnable: Vec::new(),
+            writes: Vec::new(),
+            entries: Vec::new(),
+        };
         #[allow(clippy::needless_range_loop)] // `i` also indexes the request's other slices
         for i in 0..req.txs.len() {
-            let answer = match self.plan_tx(req, i, &decided, &mut tally) {
+            let answer = match self.plan_tx(req, i, &decided, &mut plan.tally) {
                 TxPlan::Apply(ops) => {
-                    runnable.push((i, ops));
-                    entries.push((i, TxResult::Success));
+                    plan.runnable.push((i, ops));
+                    plan.entries.push((i, TxResult::Success));
                     TxResult::Success
                 }
                 TxPlan::Reject { rejection, ledger } => {
                     let (answer, write, entry) = self.record(req, i, &rejection, ledger);
-                    writes.extend(write);
-                    entries.extend(entry);
+                    plan.writes.extend(write);
+                    plan.entries.extend(entry);
                     answer
                 }
                 TxPlan::Replay(r) => r,
@@ -661,7 +676,7 @@ impl Engine {
             // A transaction id repeated within this request is a replay (or a conflict)
             // of the decision just made, as it would be in a later request.
             if let Some(k) = &req.keys[i] {
-                if entries.last().is_some_and(|(j, _)| *j == i) {
+                if plan.entries.last().is_some_and(|(j, _)| *j == i) {
                     let d = Decided {
                         fingerprint: k.fingerprint.clone(),
                         outcome: answer.clone(),
@@ -670,21 +685,12 @@ impl Engine {
                 }
             }
             let stop = self.stops(&answer);
-            results[i] = answer;
+            plan.results[i] = answer;
             if stop {
                 break;
             }
         }
-        let ops = runnable.iter().flat_map(|&(tx, ops)| {
-            ops.iter()
-                .enumerate()
-                .map(move |(op, row)| (OpRef { tx, op }, row))
-        });
-        let mut stmts: Vec<Stmt> = lock.into_iter().collect();
-        stmts.extend(self.as_role(plan::bulk(ops, cfg)));
-        stmts.extend(writes);
-        stmts.extend(self.ledger_insert(req, &entries));
-        (stmts, (results, tally))
+        plan
     }
 
     /// The exact path: one database transaction per client transaction, one statement per
@@ -1085,6 +1091,29 @@ impl Tally {
     }
 }
 
+/// The fast path's decisions for a request (see `Engine::decide`).
+struct Decisions<'r> {
+    results: Vec<TxResult>,
+    tally: Tally,
+    /// The transactions to apply, with their operations.
+    runnable: Vec<(usize, &'r [RowOp])>,
+    /// Rejections to record.
+    writes: Vec<Stmt<'static>>,
+    /// The ledger's new entries.
+    entries: Vec<(usize, TxResult)>,
+}
+
+impl<'r> Decisions<'r> {
+    /// The operations to apply, in order.
+    fn ops(&self) -> impl Iterator<Item = (OpRef, &'r RowOp)> + '_ {
+        self.runnable.iter().flat_map(|&(tx, ops)| {
+            ops.iter()
+                .enumerate()
+                .map(move |(op, row)| (OpRef { tx, op }, row))
+        })
+    }
+}
+
 /// The request being applied, shared by its attempts.
 struct Req<'a> {
     ctx: &'a Context,
@@ -1154,27 +1183,15 @@ fn identity_sql(rls: &RlsConfig, ctx: &Context) -> Option<(String, Vec<String>)>
 }
 const LOCK: &str = "select pg_advisory_xact_lock($1)";
 
-/// The client's lock as one more statement of the pipeline (the key travels as text, like
-/// every single value).
-fn pipelined_lock(scope: &Scope) -> Stmt<'static> {
+/// The client's lock (see `Scope::lock_key`) as one more statement of the pipeline (the key
+/// travels as text, like every single value).
+fn pipelined_lock(lock_key: i64) -> Stmt<'static> {
     Stmt {
         sql: "select pg_advisory_xact_lock($1::text::bigint)".to_owned(),
-        params: vec![Param::Text(Some(scope.lock_key.to_string()))],
+        params: vec![Param::Text(Some(lock_key.to_string()))],
         ops: Vec::new(),
         expect: Expect::Any,
     }
-}
-
-/// `identity_sql` as a statement of the pipeline (for a group commit, where each request sets
-/// its own identity before its statements).
-fn identity_stmt(rls: &RlsConfig, ctx: &Context) -> Option<Stmt<'static>> {
-    let (sql, params) = identity_sql(rls, ctx)?;
-    Some(Stmt {
-        sql,
-        params: params.into_iter().map(|p| Param::Text(Some(p))).collect(),
-        ops: Vec::new(),
-        expect: Expect::Any,
-    })
 }
 
 impl Head {
