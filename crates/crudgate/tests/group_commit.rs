@@ -543,3 +543,74 @@ async fn members_of_a_group_writing_one_row_are_all_applied_in_turn() {
     holder.batch_execute("rollback").await.expect("release");
     stuck.await.expect("stuck request");
 }
+
+#[tokio::test]
+async fn a_crowd_of_clients_with_bad_writes_and_resends_gets_the_answers_it_would_get_alone() {
+    let (db, engine) = setup().await;
+    const CLIENTS: usize = 16;
+    const REQUESTS: u64 = 12;
+    // Every fifth transaction breaks a CHECK constraint; the seventh request resends the sixth.
+    let bad = |tx: u64| tx % 5 == 0;
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let ids: Vec<uuid::Uuid> = (0..=REQUESTS).map(|_| new_id()).collect();
+                let mut answers = Vec::new();
+                for tx in 1..=REQUESTS {
+                    let sent = if tx == 7 { 6 } else { tx };
+                    let n = if bad(sent) { -1 } else { 1 };
+                    let body = json!({ "transactions": [
+                        { "transaction_id": sent, "crud": [note(ids[sent as usize], n)] }
+                    ]});
+                    let b: Batch = serde_json::from_value(body).expect("a batch");
+                    let out = engine.apply(ctx(None, &format!("crowd-{c}")), b).await;
+                    answers.push((sent, json_of(&out.results[0])));
+                }
+                (ids, answers)
+            })
+        })
+        .collect();
+    let mut good_ids = Vec::new();
+    for t in tasks {
+        let (ids, answers) = t.await.expect("client task");
+        for (sent, answer) in answers {
+            if bad(sent) {
+                assert_fatal(&answer, "CHECK_VIOLATION", 0);
+            } else {
+                assert_success(&answer);
+                good_ids.push(ids[sent as usize]);
+            }
+        }
+    }
+    good_ids.sort();
+    good_ids.dedup();
+    let good_per_client = (1..=REQUESTS).filter(|&t| t != 7 && !bad(t)).count();
+    assert_eq!(good_ids.len(), CLIENTS * good_per_client);
+    assert_eq!(
+        scalar(&db, "select count(*) from notes").await,
+        good_ids.len() as i64
+    );
+    assert_eq!(
+        scalar(&db, "select count(*) from note_writes").await,
+        good_ids.len() as i64,
+        "each good note written once, the resent one too"
+    );
+    assert_eq!(
+        scalar(&db, "select count(*) from crudgate.ledger").await,
+        (CLIENTS as i64) * (REQUESTS as i64 - 1),
+        "every transaction id decided once"
+    );
+    assert_eq!(
+        metric(&engine, "transactions_replayed_total"),
+        CLIENTS as u64
+    );
+    assert!(
+        metric(&engine, "grouped_requests_total") > 0,
+        "groups committed"
+    );
+    assert!(
+        metric(&engine, "group_fallbacks_total") > 0,
+        "groups undone"
+    );
+}
