@@ -550,7 +550,7 @@ async fn a_crowd_of_clients_with_bad_writes_and_resends_gets_the_answers_it_woul
     const CLIENTS: usize = 16;
     const REQUESTS: u64 = 12;
     // Every fifth transaction breaks a CHECK constraint; the seventh request resends the sixth.
-    let bad = |tx: u64| tx % 5 == 0;
+    let bad = |tx: u64| tx.is_multiple_of(5);
     let tasks: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let engine = engine.clone();
