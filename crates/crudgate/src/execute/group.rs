@@ -48,7 +48,7 @@ const MAX_MEMBERS: usize = 32;
 /// Larger requests are not grouped: their own statements already amortise their COMMIT.
 const MAX_OPS: usize = 32;
 /// How long a request waits for a place in a group before it is applied alone.
-const QUEUE_WAIT: Duration = Duration::from_millis(50);
+const QUEUE_WAIT: Duration = Duration::from_millis(100);
 /// The longest a lane waits for a group to gather (see `Lanes::gather`).
 const GATHER: Duration = Duration::from_millis(1);
 /// Starts a transaction in a lane: a lock held elsewhere makes it fail fast, not stall the lane.
