@@ -529,7 +529,10 @@ fn is_noop(op: &RowOp, cfg: &EngineConfig) -> bool {
 /// them are to be applied (the caller falls back to `one_per_op` on any failure).
 ///
 /// Operations join one statement when they are of one table, op and column set, and name
-/// distinct rows. Without regrouping, only neighbours join. For a table whose rows commute
+/// distinct rows. Without regrouping, only neighbours join, and only within one transaction:
+/// a multi-row statement checks its foreign keys and runs its triggers' checks once all its
+/// rows are in, so one transaction's row could satisfy another's reference to it (applied in
+/// turn, the first would fail). For a table whose rows commute
 /// (see `Table::rows_commute`), any run of operations on distinct rows of that table is
 /// regrouped by op and column set, which turns a randomly interleaved run into a handful of
 /// statements without changing the result.
@@ -540,6 +543,7 @@ pub(crate) fn bulk<'a>(
     let mut out = Vec::new();
     let mut window: Vec<Vec<(OpRef, &RowOp)>> = Vec::new();
     let mut keys: HashSet<&str> = HashSet::new();
+    let mut last_tx = None;
     let flush = |window: &mut Vec<Vec<(OpRef, &'a RowOp)>>, out: &mut Vec<Stmt<'a>>| {
         for group in window.drain(..) {
             out.extend(statement(&group, cfg, true));
@@ -554,7 +558,9 @@ pub(crate) fn bulk<'a>(
         let same_table = window
             .first()
             .is_some_and(|g| Arc::ptr_eq(&g[0].1.access, &op.access));
-        if !same_table || keys.contains(op.key.as_str()) || !canonical_key(&op.table) {
+        let other_tx = last_tx.is_some_and(|tx| tx != at.tx) && !op.table.rows_commute;
+        last_tx = Some(at.tx);
+        if !same_table || other_tx || keys.contains(op.key.as_str()) || !canonical_key(&op.table) {
             flush(&mut window, &mut out);
             keys.clear();
         }
@@ -905,6 +911,34 @@ mod tests {
         let stmts = planned(&ops);
         assert_eq!(stmts.len(), 1);
         assert_eq!(stmts[0].expect, Expect::Any);
+    }
+
+    #[test]
+    fn where_rows_do_not_commute_transactions_never_share_a_statement() {
+        let puts = |commute: bool| {
+            let mut ops = interleaved();
+            ops.retain(|o| o.kind == OpKind::Put);
+            let mut table = (*ops[0].table).clone();
+            table.rows_commute = commute;
+            let table = Arc::new(table);
+            for o in &mut ops {
+                o.table = table.clone();
+            }
+            ops
+        };
+        let in_two_txs = |ops: &[RowOp]| {
+            let refs = ops
+                .iter()
+                .enumerate()
+                .map(|(i, row)| (OpRef { tx: i, op: 0 }, row));
+            bulk(refs, &EngineConfig::default()).len()
+        };
+        assert_eq!(in_two_txs(&puts(true)), 1);
+        assert_eq!(
+            in_two_txs(&puts(false)),
+            2,
+            "one transaction's row must not satisfy another's reference"
+        );
     }
 
     #[test]

@@ -122,16 +122,17 @@ pub struct Catalog {
     /// Client table name → its access, resolved when the catalog loads.
     clients: HashMap<String, Result<Arc<Access>, Refusal>>,
     allow_unlisted: bool,
-    /// Some table has a deferrable constraint trigger of its own (not a foreign key's): it may
-    /// run at COMMIT, after the statement that fired it.
-    deferred_triggers: bool,
+    /// Some constraint (a foreign key, unique, exclusion or constraint trigger) is checked at
+    /// COMMIT rather than after each statement.
+    deferred_checks: bool,
 }
 
 impl Catalog {
-    /// Whether a trigger may run at COMMIT (see `deferred_triggers`): it would see the
-    /// identity settings of whichever request of a group commit came last.
-    pub(crate) fn has_deferred_triggers(&self) -> bool {
-        self.deferred_triggers
+    /// Whether some check runs at COMMIT (see `deferred_checks`): in a group commit it would
+    /// judge the members together (one could satisfy another's foreign key) and see the last
+    /// member's identity settings.
+    pub(crate) fn has_deferred_checks(&self) -> bool {
+        self.deferred_checks
     }
 
     /// What a client may do to the table it calls `name`.
@@ -204,10 +205,9 @@ impl Catalog {
             .map(|r| (r.get::<_, u32>(0), r.get::<_, Vec<String>>(1).into()))
             .collect();
 
-        let deferred_triggers: bool = client
+        let deferred_checks: bool = client
             .query_one(
-                "select exists (select 1 from pg_trigger where tgconstraint <> 0 \
-                 and not tgisinternal and tgdeferrable)",
+                "select exists (select 1 from pg_constraint where condeferred)",
                 &[],
             )
             .await?
@@ -258,7 +258,7 @@ impl Catalog {
 
         let mut catalog = Catalog {
             allow_unlisted: cfg.allow_unlisted_tables,
-            deferred_triggers,
+            deferred_checks,
             ..Catalog::default()
         };
         for ((schema, name), meta, columns) in per_table {

@@ -720,3 +720,27 @@ async fn patches_of_different_columns_in_one_request_each_change_only_their_own_
         ]
     );
 }
+
+#[tokio::test]
+async fn a_transaction_is_not_accepted_for_a_row_only_a_later_transaction_writes() {
+    // Applied in turn, the first PUT fails: its parent does not exist yet. One statement for
+    // both would check the reference only once both rows were in.
+    let db = TestDb::with_schema(
+        "create table nodes (id text primary key, parent text references nodes (id))",
+    )
+    .await;
+    let cfg = EngineConfig {
+        allow_unlisted_tables: true,
+        ..EngineConfig::default()
+    };
+    let app = spawn_app(&db.url, cfg).await;
+    let r = app
+        .apply(&batch(vec![
+            vec![put("nodes", "x", json!({ "parent": "y" }))],
+            vec![put("nodes", "y", json!({ "parent": "x" }))],
+        ]))
+        .await;
+    assert_fatal(&r[0], "FOREIGN_KEY_VIOLATION", 0);
+    assert_eq!(r[1], json!({ "status": "not_attempted" }));
+    assert_eq!(count(&app.db, "nodes").await, 0);
+}

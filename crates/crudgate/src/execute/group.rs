@@ -4,10 +4,12 @@
 //! Single-row requests are bound by their COMMIT: a few thousand a second from one connection,
 //! and not twice that from eight, on a machine like the one crudgate is measured on. So a small
 //! request goes through a lane; while the lane is busy it waits, and the next group takes every
-//! waiting request it can. The leader is one of the group's own requests (no task of its own):
-//! it sends each member's statements as that member would have sent them alone (its identity,
-//! its client's lock, its data, its ledger entries), one member after the other, then one
-//! COMMIT.
+//! waiting request it can. The leader is one of the group's own requests (no task of its own).
+//! It applies the members in order, each as it would be applied alone (its identity, its
+//! client's lock, its data, its ledger entries), then sends one COMMIT. The operations of
+//! members of one caller are planned together as if they were the transactions of one request,
+//! so many single-row PUTs become one insert (never merged across transactions where that could
+//! change an answer, see `plan::bulk`).
 //!
 //! A group commits all or nothing, and nothing is never an answer: any failure (a constraint,
 //! a lock held too long, a deadlock, a resent transaction) undoes the group, and every member is
@@ -19,9 +21,14 @@
 //!
 //! Identity: each member sets its own `app.user_id` (and claims) before its statements, so
 //! policies, defaults and triggers see its user. The members of a group either all carry an
-//! identity or none does, so that none sees another's. A deferred constraint trigger would run
-//! at COMMIT with the last member's identity, so where the schema has one, requests with an
-//! identity are not grouped.
+//! identity or none does, so that none sees another's. A check deferred to COMMIT would judge
+//! all members at once (one member's row could satisfy another's foreign key) and see the last
+//! member's identity, so where the schema has one, nothing is grouped.
+//!
+//! What members do share: the transaction's start time (`now()`), and duplicate NOTIFYs are
+//! merged. A member whose COMMIT was lost with its connection is, when its ledger can tell
+//! (a client id and transaction ids), applied again alone and answered from the ledger, where
+//! alone it would have been answered 503.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -81,6 +88,8 @@ struct Member {
     identified: bool,
     /// The operations to apply, in order.
     ops: Vec<(OpRef, RowOp)>,
+    /// How many transactions the request has.
+    txs: usize,
     /// After them: rejections to record, and its ledger entries (taken out when its group's
     /// statements are made).
     tail: Vec<Stmt<'static>>,
@@ -244,14 +253,14 @@ fn identified(rls: &RlsConfig, ctx: &Context) -> bool {
 }
 
 impl Engine {
-    /// Whether a request may join a group: small, every transaction planned, and no deferred
-    /// trigger that could see another member's identity.
+    /// Whether a request may join a group: small, every transaction planned, and no check of
+    /// the schema's deferred to COMMIT (where it would judge a group's members together).
     pub(super) fn groupable(&self, req: &Req<'_>, catalog: &Catalog) -> bool {
         let cfg = &self.inner.cfg;
         cfg.group_commit
             && req.prepared.iter().all(Result::is_ok)
             && req.prepared.iter().flatten().map(Vec::len).sum::<usize>() <= MAX_OPS
-            && !(catalog.has_deferred_triggers() && identified(&cfg.rls, req.ctx))
+            && !catalog.has_deferred_checks()
     }
 
     /// The fast path through a lane.
@@ -351,6 +360,7 @@ impl Engine {
             lock_key: req.scope.map(|s| s.lock_key),
             identified: identified(rls, req.ctx),
             ops,
+            txs: req.txs.len(),
             tail,
         };
         let planned = Planned {
@@ -367,6 +377,7 @@ impl Engine {
     fn group_stmts<'m>(&self, members: &'m [Member], tails: Vec<Vec<Stmt<'m>>>) -> Vec<Stmt<'m>> {
         let mut tails = tails.into_iter();
         let mut stmts: Vec<Stmt<'m>> = Vec::new();
+        let mut first_tx = 0;
         for run in members.chunk_by(|a, b| a.caller == b.caller) {
             if let Some((sql, params)) = &run[0].identity {
                 stmts.push(Stmt {
@@ -382,9 +393,18 @@ impl Engine {
             for key in run.iter().filter_map(|m| m.lock_key) {
                 stmts.push(pipelined_lock(key));
             }
-            let ops = run
-                .iter()
-                .flat_map(|m| m.ops.iter().map(|(at, op)| (*at, op)));
+            // Numbered on from one member to the next, so that no two members' transactions
+            // look like one to the planner.
+            let mut ops = Vec::new();
+            for m in run {
+                let at = |r: &OpRef| OpRef {
+                    tx: first_tx + r.tx,
+                    op: r.op,
+                };
+                ops.extend(m.ops.iter().map(|(r, op)| (at(r), op)));
+                first_tx += m.txs;
+            }
+            let ops = ops.into_iter();
             stmts.extend(self.as_role(plan::bulk(ops, &self.inner.cfg)));
             for _ in run {
                 stmts.extend(tails.next().into_iter().flatten());

@@ -348,7 +348,7 @@ impl Engine {
         };
         let mut schema_retry = true;
         loop {
-            let Some(catalog) = self.catalog().await else {
+            let Some(mut catalog) = self.catalog().await else {
                 return retry_first(txs.len(), cfg, "database unavailable", true);
             };
             let prepare = |catalog: &Catalog| -> Vec<Result<Vec<RowOp>, Rejection>> {
@@ -370,6 +370,7 @@ impl Engine {
                 schema_retry = false;
                 if let Some(fresh) = self.catalog().await {
                     prepared = prepare(&fresh);
+                    catalog = fresh;
                 }
             }
             let req = Req {
