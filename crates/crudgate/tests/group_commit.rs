@@ -111,6 +111,15 @@ async fn occupy_lane(
     panic!("the stuck request never waited for the row");
 }
 
+/// Releases the held row; the stuck request's answer.
+async fn release(
+    holder: tokio_postgres::Client,
+    stuck: JoinHandle<Vec<TxResult>>,
+) -> Vec<TxResult> {
+    holder.batch_execute("rollback").await.expect("release");
+    stuck.await.expect("stuck request")
+}
+
 /// Sends each request at once, each from its own client; answers in order.
 async fn send_all(engine: &Engine, requests: Vec<(Option<&str>, Batch)>) -> Vec<Vec<TxResult>> {
     let tasks: Vec<_> = requests
@@ -175,8 +184,7 @@ async fn small_requests_that_wait_together_commit_together_and_each_is_recorded(
         scalar(&db, "select count(distinct client_id) from crudgate.ledger").await,
         10
     );
-    holder.batch_execute("rollback").await.expect("release");
-    assert_success(&json_of(&stuck.await.expect("stuck request")[0]));
+    assert_success(&json_of(&release(holder, stuck).await[0]));
 }
 
 #[tokio::test]
@@ -201,8 +209,7 @@ async fn a_request_waiting_for_a_row_lock_does_not_hold_up_the_others() {
         !stuck.is_finished(),
         "the stuck request still waits for its row"
     );
-    holder.batch_execute("rollback").await.expect("release");
-    assert_success(&json_of(&stuck.await.expect("stuck request")[0]));
+    assert_success(&json_of(&release(holder, stuck).await[0]));
     assert_eq!(
         scalar(&db, "select v::bigint from held").await,
         1,
@@ -241,8 +248,7 @@ async fn a_bad_request_in_a_group_is_rejected_alone_and_the_others_commit() {
         6,
         "the undone group left no write behind"
     );
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 #[tokio::test]
@@ -270,8 +276,7 @@ async fn each_member_of_a_group_writes_as_its_own_user() {
             .get(0);
         assert_eq!(&author, u, "the default saw its own request's user");
     }
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 #[tokio::test]
@@ -299,8 +304,7 @@ async fn with_a_check_deferred_to_commit_nothing_is_grouped() {
     assert!(answers.iter().all(|a| matches!(a[0], TxResult::Success)));
     assert_eq!(metric(&engine, "grouped_requests_total"), 0);
     assert_eq!(scalar(&db, "select count(*) from notes").await, 6);
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 #[tokio::test]
@@ -335,8 +339,7 @@ async fn a_member_is_not_accepted_for_a_row_only_another_member_writes() {
         "a group was tried"
     );
     assert_eq!(scalar(&db, "select count(*) from nodes").await, 0);
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 #[tokio::test]
@@ -368,8 +371,7 @@ async fn a_resent_transaction_in_a_group_is_answered_from_the_ledger_and_applied
         "written once"
     );
     assert_eq!(scalar(&db, "select count(*) from notes").await, 5);
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 /// A TCP proxy in front of Postgres that, once armed, cuts the first connection to send COMMIT:
@@ -554,8 +556,7 @@ async fn in_a_group_a_write_to_another_users_row_is_still_refused() {
         let expected = if *u == "ann" { "ann" } else { "ann's" };
         assert_eq!((body.as_str(), author.as_str()), (expected, "ann"));
     }
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 #[tokio::test]
@@ -572,8 +573,7 @@ async fn members_of_a_group_writing_one_row_are_all_applied_in_turn() {
     assert!(metric(&engine, "grouped_requests_total") >= 2);
     assert_eq!(writes_of(&db, id).await, 6, "each request wrote the row");
     assert_eq!(scalar(&db, "select count(*) from notes").await, 1);
-    holder.batch_execute("rollback").await.expect("release");
-    stuck.await.expect("stuck request");
+    release(holder, stuck).await;
 }
 
 #[tokio::test]
