@@ -964,3 +964,45 @@ async fn the_first_configured_schema_wins_for_a_table_name() {
         0,
     );
 }
+
+/// A hook that panics on lists named "boom".
+struct Boom;
+
+impl crudgate::WriteHook for Boom {
+    fn check(
+        &self,
+        _: &crudgate::Context,
+        op: &crudgate::protocol::Operation,
+    ) -> Result<(), crudgate::Rejection> {
+        let boom = op
+            .op_data
+            .as_ref()
+            .is_some_and(|d| d.get("name").is_some_and(|n| n == "boom"));
+        assert!(!boom, "the hook fell over");
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_applying_is_a_retryable_error_and_the_server_carries_on() {
+    let db = TestDb::new().await;
+    let app = spawn_app_with_hooks(
+        &db.url,
+        EngineConfig::default(),
+        vec![std::sync::Arc::new(Boom)],
+    )
+    .await;
+    let r = app
+        .apply(&batch(vec![vec![put(
+            "lists",
+            new_id(),
+            json!({"name": "boom"}),
+        )]]))
+        .await;
+    assert_retryable(&r[0], EngineConfig::default().retry_after_ms);
+    assert_success(
+        &app.apply_tx(vec![put("lists", new_id(), json!({"name": "fine"}))])
+            .await,
+    );
+    assert_eq!(count(&app.db, "lists").await, 1);
+}

@@ -13,7 +13,11 @@
 //! attempt for a resend, no extra round trip for anything new); the exact path reads it first.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -309,11 +313,11 @@ impl Engine {
     pub async fn apply(&self, ctx: Context, batch: Batch) -> Outcome {
         let engine = self.clone();
         let n = batch.transactions.len();
-        let task = tokio::spawn(async move { engine.apply_here(&ctx, &batch).await });
-        match task.await {
+        let work = async move { engine.apply_here(&ctx, &batch).await };
+        match Finish(Some(Box::pin(AssertUnwindSafe(work).catch_unwind()))).await {
             Ok(outcome) => outcome,
-            Err(e) => {
-                tracing::error!(error = %e, "apply task failed");
+            Err(_) => {
+                tracing::error!("applying a request panicked");
                 retry_first(n, &self.inner.cfg, "internal error; retry later", false)
             }
         }
@@ -1075,6 +1079,39 @@ async fn probe(client: &Client, type_full: &str, v: &str) -> Result<(), tokio_po
     // Leave no client value behind on a pooled connection.
     client.batch_execute("reset crudgate.probe").await?;
     result
+}
+
+/// Polls a future where it is awaited, and if it is dropped before it finishes (the client hung
+/// up), spawns the rest: an attempt must never stop halfway through its pipeline on a pooled
+/// connection. (Spawning every apply would cost two task hand-offs per request, about 30 µs of
+/// a single-row request's 400 here.)
+struct Finish<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send + 'static;
+
+impl<F: Future + Send + 'static> Future for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let work = self.0.as_mut().expect("not polled after it finished");
+        let out = std::task::ready!(work.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Finish<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let (Some(work), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(work);
+        }
+    }
 }
 
 /// Replays and conflicts met while planning an attempt; counted only once that attempt has
