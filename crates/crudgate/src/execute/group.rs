@@ -34,9 +34,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use super::{identity_sql, pipelined_lock, run, Engine, Failure, Head, Mode, Req, Tally};
 use crate::config::RlsConfig;
@@ -46,9 +45,8 @@ use crate::protocol::TxResult;
 use crate::schema::Catalog;
 
 /// Groups applied at once. Measured with single-PUT requests on 2 cores, one lane beat two,
-/// three and four: concurrent groups split the waiting requests and their COMMITs do not share
-/// WAL flushes well. (At 2 clients it is slower than no grouping, whose two transactions
-/// commit side by side: 2.7k against 3.3k requests/s.)
+/// three and four at 4 and 8 clients: concurrent groups split the waiting requests and their
+/// COMMITs do not share WAL flushes well.
 const LANES: usize = 1;
 /// Most requests in one group.
 const MAX_MEMBERS: usize = 32;
