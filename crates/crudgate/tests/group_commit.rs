@@ -39,11 +39,15 @@ const SCHEMA: &str = "
 const HELD: &str = "00000000-0000-0000-0000-0000000000a1";
 
 async fn engine(db: &TestDb) -> Engine {
+    engine_at(&db.url).await
+}
+
+async fn engine_at(url: &str) -> Engine {
     let cfg = EngineConfig {
         allow_unlisted_tables: true,
         ..EngineConfig::default()
     };
-    Engine::connect(&db.url, cfg, vec![]).await.expect("engine")
+    Engine::connect(url, cfg, vec![]).await.expect("engine")
 }
 
 async fn setup() -> (TestDb, Engine) {
@@ -444,11 +448,7 @@ async fn writes_of(db: &TestDb, id: uuid::Uuid) -> i64 {
 async fn a_commit_lost_in_the_lane_is_not_applied_again_for_a_transaction_without_an_id() {
     let (db, _) = setup().await;
     let (url, armed) = commit_cutting_proxy(&db.url).await;
-    let cfg = EngineConfig {
-        allow_unlisted_tables: true,
-        ..EngineConfig::default()
-    };
-    let engine = Engine::connect(&url, cfg, vec![]).await.expect("engine");
+    let engine = engine_at(&url).await;
     let id = new_id();
     let b: Batch = serde_json::from_value(json!({
         "transactions": [{ "crud": [note(id, 1)] }]
@@ -472,11 +472,7 @@ async fn a_commit_lost_in_the_lane_is_not_applied_again_for_a_transaction_withou
 async fn a_commit_lost_in_the_lane_is_answered_from_the_ledger_for_a_transaction_with_an_id() {
     let (db, _) = setup().await;
     let (url, armed) = commit_cutting_proxy(&db.url).await;
-    let cfg = EngineConfig {
-        allow_unlisted_tables: true,
-        ..EngineConfig::default()
-    };
-    let engine = Engine::connect(&url, cfg, vec![]).await.expect("engine");
+    let engine = engine_at(&url).await;
     let id = new_id();
     armed.store(true, Ordering::SeqCst);
     let out = engine

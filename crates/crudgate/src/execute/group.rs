@@ -38,9 +38,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::{identity_sql, pipelined_lock, run, Engine, Failure, Head, Mode, Req, Tally};
-use crate::config::RlsConfig;
 use crate::metrics::Metrics;
-use crate::plan::{self, Context, Expect, OpRef, Param, RowOp, Stmt};
+use crate::plan::{self, Expect, OpRef, Param, RowOp, Stmt};
 use crate::protocol::TxResult;
 use crate::schema::Catalog;
 
@@ -80,10 +79,9 @@ struct State {
 struct Member {
     /// Its caller: the user id and claims it writes as.
     caller: (Option<String>, Value),
-    /// `identity_sql` for its caller.
+    /// `identity_sql` for its caller: none without a user, or with both settings off.
     identity: Option<(String, Vec<String>)>,
     lock_key: Option<i64>,
-    identified: bool,
     /// The operations to apply, in order.
     ops: Vec<(OpRef, RowOp)>,
     /// How many transactions the request has.
@@ -194,7 +192,7 @@ impl Lanes {
         let mut kept = VecDeque::new();
         while let Some(w) = state.queue.pop_front() {
             let fits = group.len() + 1 < MAX_MEMBERS
-                && w.member.identified == identified
+                && w.member.identity.is_some() == identified
                 && w.member.lock_key.is_none_or(|k| clients.insert(k));
             if fits {
                 group.push(w);
@@ -245,11 +243,6 @@ impl Lanes {
     }
 }
 
-/// Whether a request hands a user's identity to Postgres (see `identity_sql`).
-fn identified(rls: &RlsConfig, ctx: &Context) -> bool {
-    ctx.user_id.is_some() && (rls.app_user_id || rls.jwt_claims)
-}
-
 impl Engine {
     /// Whether a request may join a group: small, every transaction planned, and no check of
     /// the schema's deferred to COMMIT (where it would judge a group's members together).
@@ -296,7 +289,7 @@ impl Engine {
         let others = self
             .inner
             .lanes
-            .take_group(member.lock_key, member.identified);
+            .take_group(member.lock_key, member.identity.is_some());
         let size = others.len() + 1;
         let mut members = Vec::with_capacity(size);
         members.push(member);
@@ -356,7 +349,6 @@ impl Engine {
             caller: (req.ctx.user_id.clone(), req.ctx.claims.clone()),
             identity: identity_sql(rls, req.ctx),
             lock_key: req.scope.map(|s| s.lock_key),
-            identified: identified(rls, req.ctx),
             ops,
             txs: req.txs.len(),
             tail,
