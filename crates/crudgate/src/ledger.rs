@@ -11,6 +11,8 @@
 //! Rejected transactions are also written to the rejections table ("dead letters") so nothing a
 //! client sent is ever lost, even when the answer told it to drop the transaction.
 
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_postgres::GenericClient;
 
@@ -187,8 +189,8 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub fn of(ctx: &Context) -> Option<Scope> {
-        let client_id = ctx.client_id.clone().filter(|c| !c.is_empty())?;
-        let user_id = ctx.user_id.clone().unwrap_or_default();
+        let client_id = storable(ctx.client_id.as_deref().filter(|c| !c.is_empty())?);
+        let user_id = storable(ctx.user_id.as_deref().unwrap_or_default());
         let mut h = Sha256::new();
         h.update(user_id.as_bytes());
         h.update([0]);
@@ -230,11 +232,51 @@ fn tx_id(tx: &Transaction) -> Option<String> {
         .map(text_of)
 }
 
-/// A JSON value as text: a string's contents, anything else as JSON.
-fn text_of(v: &serde_json::Value) -> String {
+/// A JSON value as storable text: a string's contents, anything else as JSON.
+fn text_of(v: &Value) -> String {
     match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => storable(s),
+        other => storable_json(other),
+    }
+}
+
+/// Text for crudgate's own tables. Postgres text and jsonb cannot hold NUL (U+0000), which a
+/// JSON string can: what crudgate records about a request (ids, a rejected transaction, an
+/// answer) must always be storable, or that transaction could never be answered and would
+/// block its client's queue. NUL is recorded as U+FFFD.
+pub(crate) fn storable(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+/// JSON text for crudgate's jsonb columns, NUL recorded as U+FFFD (see `storable`).
+pub(crate) fn storable_json<T: Serialize + ?Sized>(v: &T) -> String {
+    let text = serde_json::to_string(v).expect("serializes");
+    // serde_json writes NUL only as this escape (a client's literal `\u0000` also matches,
+    // and only costs the second pass).
+    if !text.contains("\\u0000") {
+        return text;
+    }
+    let mut tree = serde_json::to_value(v).expect("serializes");
+    storable_value(&mut tree);
+    tree.to_string()
+}
+
+/// `storable` for every string and key of a JSON value.
+pub(crate) fn storable_value(v: &mut Value) {
+    match v {
+        Value::String(s) if s.contains('\0') => *s = storable(s),
+        Value::Array(items) => items.iter_mut().for_each(storable_value),
+        Value::Object(m) if m.keys().any(|k| k.contains('\0')) => {
+            *m = std::mem::take(m)
+                .into_iter()
+                .map(|(k, mut v)| {
+                    storable_value(&mut v);
+                    (storable(&k), v)
+                })
+                .collect()
+        }
+        Value::Object(m) => m.values_mut().for_each(storable_value),
+        _ => {}
     }
 }
 
@@ -253,26 +295,24 @@ pub(crate) fn rejection_params(
     r: &Rejection,
 ) -> Vec<Option<String>> {
     let op = tx.crud.get(r.operation_index);
-    let json = |v: Option<&serde_json::Map<String, serde_json::Value>>| {
-        v.map(|m| serde_json::Value::Object(m.clone()).to_string())
-    };
+    let json = |v: Option<&serde_json::Map<String, Value>>| v.map(storable_json);
     vec![
-        ctx.user_id.clone(),
-        ctx.client_id.clone(),
+        ctx.user_id.as_deref().map(storable),
+        ctx.client_id.as_deref().map(storable),
         key.map(|k| k.id.clone()).or_else(|| tx_id(tx)),
         Some(r.operation_index.to_string()),
-        op.map(|o| o.table.clone()),
-        op.map(|o| o.id.0.clone()),
+        op.map(|o| storable(&o.table)),
+        op.map(|o| storable(&o.id.0)),
         op.map(|o| o.op.as_str().to_owned()),
         op.and_then(|o| json(o.op_data.as_ref())),
         op.and_then(|o| json(o.previous_values.as_ref())),
         op.and_then(|o| o.metadata.as_ref()).map(text_of),
         Some(r.code.clone()),
-        Some(r.message.clone()),
-        Some(r.details.to_string()),
-        Some(serde_json::to_string(&tx.crud).expect("operations serialize")),
+        Some(storable(&r.message)),
+        Some(storable_json(&r.details)),
+        Some(storable_json(&tx.crud)),
         // The verified claims, so a replay runs with the same identity (server-set columns
         // and RLS policies may read any claim).
-        (!ctx.claims.is_null()).then(|| ctx.claims.to_string()),
+        (!ctx.claims.is_null()).then(|| storable_json(&ctx.claims)),
     ]
 }

@@ -143,7 +143,7 @@ impl Engine {
         let outcome = self.apply(ctx, batch).await;
         let result = outcome.results.into_iter().next().ok_or("no result")?;
         if !matches!(result, TxResult::RetryableError { .. }) {
-            let json = serde_json::to_string(&result).expect("results serialize");
+            let json = crate::ledger::storable_json(&result);
             self.pool()
                 .get()
                 .await

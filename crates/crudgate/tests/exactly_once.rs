@@ -610,3 +610,52 @@ async fn a_replay_is_counted_once_even_when_its_request_falls_back_to_the_exact_
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_nul_character_anywhere_is_rejected_recorded_and_answered_again_never_retried() {
+    // Postgres text and jsonb cannot hold U+0000, which a JSON string can. Were the rejection or
+    // the ledger entry unstorable, the transaction could never be answered and would block its
+    // client's queue.
+    let (_db, app) = app().await;
+    let list = seed_list(&app.db).await;
+    let nul = "a\u{0}b";
+    let cases = [
+        (put("lists", new_id(), json!({"name": nul})), "INVALID_DATA"),
+        (put(nul, new_id(), json!({"name": "x"})), "SCHEMA_MISMATCH"),
+        (
+            put("lists", new_id(), json!({ nul: "x" })),
+            "SCHEMA_MISMATCH",
+        ),
+        (
+            put("todos", nul, json!({"description": "x", "list_id": list})),
+            "INVALID_DATA",
+        ),
+    ];
+    for (i, (op, code)) in cases.iter().enumerate() {
+        let body = json!({
+            "client_id": format!("client-{nul}"),
+            "transactions": [{"transaction_id": format!("tx-{i}-{nul}"), "crud": [op]}],
+        });
+        let first = app.apply(&body).await;
+        assert_fatal(&first[0], code, 0);
+        assert_eq!(
+            app.apply(&body).await,
+            first,
+            "a resend is answered the same"
+        );
+    }
+    let rows = rejection_rows(&app.db).await;
+    assert_eq!(rows.len(), cases.len(), "each rejection is recorded once");
+    for (i, row) in rows.iter().enumerate() {
+        let client: String = row.get(2);
+        let tx: String = row.get(3);
+        assert_eq!(client, "client-a\u{FFFD}b");
+        assert_eq!(tx, format!("tx-{i}-a\u{FFFD}b"));
+    }
+    let name: Value = rows[0].get(8);
+    assert_eq!(
+        name["name"], "a\u{FFFD}b",
+        "the value is kept, its NUL marked"
+    );
+    assert_eq!(count(&app.db, "lists").await, 1, "only the seeded list");
+}

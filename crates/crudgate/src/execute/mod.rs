@@ -424,13 +424,16 @@ impl Engine {
     /// The answer for a rejected transaction, with `requires_client_handling` per config.
     fn answer(&self, r: &Rejection) -> TxResult {
         let client_handles = self.inner.cfg.client_handled_codes.contains(&r.code);
+        // The ledger replays this answer as stored: the same text both times.
+        let mut details = r.details.clone();
+        ledger::storable_value(&mut details);
         TxResult::FatalError {
             requires_client_handling: client_handles,
             message: r.message.clone(),
             failed_operation: FailedOperation {
                 error_code: r.code.clone(),
                 message: r.message.clone(),
-                details: r.details.clone(),
+                details,
                 operation_index: r.operation_index,
             },
         }
@@ -566,7 +569,7 @@ impl Engine {
                 Param::Text(Some(scope.client_id.clone())),
                 col(&|(k, _)| k.id.clone()),
                 col(&|(k, _)| k.fingerprint.clone()),
-                col(&|(_, r)| serde_json::to_string(r).expect("results serialize")),
+                col(&|(_, r)| ledger::storable_json(r)),
             ],
             ops: Vec::new(),
             expect: Expect::Any,
