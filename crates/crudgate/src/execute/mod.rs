@@ -985,7 +985,10 @@ impl Engine {
         if let Some(c) = db.column() {
             details.insert("column".into(), client_column(c).into());
         }
-        for (k, v) in [("constraint", db.constraint()), ("detail", db.detail())] {
+        // Postgres' DETAIL shows the sender's own row, except for an exclusion conflict, which
+        // shows the other row's values too: that one goes to no client.
+        let detail = db.detail().filter(|_| sqlstate != "23P01");
+        for (k, v) in [("constraint", db.constraint()), ("detail", detail)] {
             if let Some(v) = v {
                 details.insert(k.into(), v.into());
             }
