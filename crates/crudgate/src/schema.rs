@@ -249,7 +249,7 @@ impl Catalog {
                 name,
                 type_sql: r.get("type_sql"),
                 type_full: r.get("type_full"),
-                type_name: r.get("type_sql"),
+                type_name: r.get("type_name"),
                 kind,
                 writable: r.get("writable"),
                 deterministic: r.get("deterministic"),
@@ -342,7 +342,17 @@ with recursive dom(oid, base) as (
 select n.nspname::text as nspname,
        c.relname::text as relname,
        a.attname::text as attname,
-       format_type(a.atttypid, null) as type_sql,
+       -- Without a modifier, `character` and `bit` mean length 1, and an explicit cast to them
+       -- truncates ('abc'::character is 'a'): cast to their unbounded forms, so that the
+       -- assignment checks the length.
+       case a.atttypid
+            when 'bpchar'::regtype then 'bpchar'
+            when '_bpchar'::regtype then 'bpchar[]'
+            when 'bit'::regtype then 'varbit'
+            when '_bit'::regtype then 'varbit[]'
+            else format_type(a.atttypid, null)
+       end as type_sql,
+       format_type(a.atttypid, null) as type_name,
        format_type(a.atttypid, a.atttypmod) as type_full,
        bt.oid as base_oid,
        bt.typname::text as base_name,

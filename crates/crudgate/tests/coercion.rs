@@ -25,7 +25,10 @@ const KINDS: &str = "
         moods mood[],
         due_date date,
         addr inet,
-        ref uuid
+        ref uuid,
+        code char(3),
+        codes char(3)[],
+        bits bit(3)
     );";
 
 async fn kinds_app() -> (TestDb, TestApp) {
@@ -62,6 +65,31 @@ where
 
 async fn no_rows(app: &TestApp) {
     assert_eq!(count(&app.db, "kinds").await, 0);
+}
+
+#[tokio::test]
+async fn a_char_n_value_is_stored_whole_and_one_too_long_is_rejected() {
+    // Without its length, `character` means char(1): a cast to it would keep one letter.
+    let (_db, app) = kinds_app().await;
+    let id = put_ok(&app, json!({"code": "abc", "codes": ["abc", "de"]})).await;
+    assert_eq!(read::<String>(&app, &id, "code::text").await, "abc");
+    assert_eq!(
+        read::<String>(&app, &id, "codes::text").await,
+        "{abc,\"de \"}"
+    );
+    let (_, r) = put_kinds(&app, json!({"code": "abcd"})).await;
+    assert_fatal(&r, "INVALID_DATA", 0);
+    assert_eq!(count(&app.db, "kinds").await, 1);
+}
+
+#[tokio::test]
+async fn a_bit_n_value_is_stored_whole_and_one_of_another_length_is_rejected() {
+    let (_db, app) = kinds_app().await;
+    let id = put_ok(&app, json!({"bits": "101"})).await;
+    assert_eq!(read::<String>(&app, &id, "bits::text").await, "101");
+    let (_, r) = put_kinds(&app, json!({"bits": "1011"})).await;
+    assert_fatal(&r, "INVALID_DATA", 0);
+    assert_eq!(count(&app.db, "kinds").await, 1);
 }
 
 #[tokio::test]
