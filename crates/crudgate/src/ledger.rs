@@ -189,8 +189,10 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub fn of(ctx: &Context) -> Option<Scope> {
-        let client_id = storable(ctx.client_id.as_deref().filter(|c| !c.is_empty())?);
-        let user_id = storable(ctx.user_id.as_deref().unwrap_or_default());
+        let client_id = bounded(storable(
+            ctx.client_id.as_deref().filter(|c| !c.is_empty())?,
+        ));
+        let user_id = bounded(storable(ctx.user_id.as_deref().unwrap_or_default()));
         let mut h = Sha256::new();
         h.update(user_id.as_bytes());
         h.update([0]);
@@ -215,13 +217,23 @@ pub(crate) struct TxKey {
 impl TxKey {
     /// None when the transaction has no id: it cannot be deduplicated.
     pub fn of(tx: &Transaction) -> Option<TxKey> {
-        let id = tx_id(tx)?;
+        let id = bounded(tx_id(tx)?);
         let content = serde_json::to_vec(&tx.crud).expect("operations serialize");
         Some(TxKey {
             id,
             fingerprint: hex::encode(Sha256::digest(&content)),
         })
     }
+}
+
+/// A part of a ledger key: as sent when short, else its SHA-256. A btree key holds about
+/// 2.7 kB, and a long client or transaction id must still be remembered rather than fail
+/// every time (which would block the client's queue).
+fn bounded(s: String) -> String {
+    if s.len() <= 256 {
+        return s;
+    }
+    format!("sha256:{}", hex::encode(Sha256::digest(s.as_bytes())))
 }
 
 /// A client transaction's id as text: a string as is (no JSON quotes), a number as written.
@@ -248,23 +260,19 @@ pub(crate) fn storable(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 
-/// JSON text for crudgate's jsonb columns, NUL recorded as U+FFFD (see `storable`).
+/// JSON text for crudgate's jsonb columns (see `storable_value`).
 pub(crate) fn storable_json<T: Serialize + ?Sized>(v: &T) -> String {
-    let text = serde_json::to_string(v).expect("serializes");
-    // serde_json writes NUL only as this escape (a client's literal `\u0000` also matches,
-    // and only costs the second pass).
-    if !text.contains("\\u0000") {
-        return text;
-    }
     let mut tree = serde_json::to_value(v).expect("serializes");
     storable_value(&mut tree);
     tree.to_string()
 }
 
-/// `storable` for every string and key of a JSON value.
+/// A JSON value jsonb can hold, for the same reason as `storable`: NUL in strings and keys is
+/// recorded as U+FFFD, and a number beyond jsonb's numeric range (`1e200000`) as its text.
 pub(crate) fn storable_value(v: &mut Value) {
     match v {
         Value::String(s) if s.contains('\0') => *s = storable(s),
+        Value::Number(n) if !fits_jsonb(&n.to_string()) => *v = Value::String(n.to_string()),
         Value::Array(items) => items.iter_mut().for_each(storable_value),
         Value::Object(m) if m.keys().any(|k| k.contains('\0')) => {
             *m = std::mem::take(m)
@@ -280,6 +288,20 @@ pub(crate) fn storable_value(v: &mut Value) {
     }
 }
 
+/// Whether a JSON number's digits fit Postgres' numeric, which jsonb uses: at most 131,072
+/// digits before the decimal point and 16,383 after (with a margin).
+fn fits_jsonb(number: &str) -> bool {
+    let (mantissa, exp) = match number.find(['e', 'E']) {
+        Some(i) => (&number[..i], number[i + 1..].parse::<i64>()),
+        None => (number, Ok(0)),
+    };
+    let Ok(exp) = exp else { return false };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let before = int.trim_start_matches('-').len() as i64 + exp;
+    let after = frac.len() as i64 - exp;
+    before < 131_000 && after < 16_000
+}
+
 /// A decision already in the ledger.
 #[derive(Debug, Clone)]
 pub(crate) struct Decided {
@@ -290,7 +312,6 @@ pub(crate) struct Decided {
 /// The text parameters of a rejections-table row.
 pub(crate) fn rejection_params(
     ctx: &Context,
-    key: Option<&TxKey>,
     tx: &Transaction,
     r: &Rejection,
 ) -> Vec<Option<String>> {
@@ -299,7 +320,7 @@ pub(crate) fn rejection_params(
     vec![
         ctx.user_id.as_deref().map(storable),
         ctx.client_id.as_deref().map(storable),
-        key.map(|k| k.id.clone()).or_else(|| tx_id(tx)),
+        tx_id(tx),
         Some(r.operation_index.to_string()),
         op.map(|o| storable(&o.table)),
         op.map(|o| storable(&o.id.0)),

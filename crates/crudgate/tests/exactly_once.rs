@@ -659,3 +659,43 @@ async fn a_nul_character_anywhere_is_rejected_recorded_and_answered_again_never_
     );
     assert_eq!(count(&app.db, "lists").await, 1, "only the seeded list");
 }
+
+#[tokio::test]
+async fn a_number_jsonb_cannot_hold_in_a_rejected_transaction_is_recorded_as_text_not_retried() {
+    let (_db, app) = app().await;
+    // A todo in a list that does not exist, with a number beyond Postgres' numeric range.
+    let body = format!(
+        r#"{{"transactions":[{{"transaction_id":1,"crud":[{{"op":"PUT","table":"todos","id":"{}",
+            "op_data":{{"description":"x","list_id":"{}"}},"previous_values":{{"p":1e200000}}}}]}}]}}"#,
+        new_id(),
+        new_id()
+    );
+    let (status, _, answer) = app.post_raw(body).await;
+    assert_eq!(status, 200);
+    assert_fatal(&results(&answer)[0], "FOREIGN_KEY_VIOLATION", 0);
+    let rows = rejection_rows(&app.db).await;
+    assert_eq!(rows.len(), 1);
+    let previous: Value = rows[0].get(9);
+    assert!(
+        previous["p"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("200000")),
+        "kept as text: {previous}"
+    );
+}
+
+#[tokio::test]
+async fn client_and_transaction_ids_of_any_length_deduplicate() {
+    // A btree key holds about 2.7 kB: the ledger keeps long ids hashed.
+    let (_db, app, list, todo) = counting_app().await;
+    // Random, so that Postgres cannot compress it below the limit.
+    let long: String = (0..200).map(|_| new_id().to_string()).collect();
+    let body = json!({
+        "client_id": long,
+        "transactions": [{"transaction_id": long, "crud": [put_milk(todo, list)]}],
+    });
+    for _ in 0..2 {
+        assert_success(&app.apply(&body).await[0]);
+    }
+    assert_eq!(writes_of(&app.db, todo).await, 1);
+}

@@ -513,8 +513,7 @@ impl Engine {
         ) {
             return (answer, None, None);
         }
-        let params =
-            ledger::rejection_params(req.ctx, req.keys[i].as_ref(), &req.txs[i], rejection);
+        let params = ledger::rejection_params(req.ctx, &req.txs[i], rejection);
         let stmt = Stmt {
             sql: self.inner.tables.reject_sql(),
             params: params.into_iter().map(Param::Text).collect(),
@@ -1502,7 +1501,14 @@ impl Failure {
             // Our own bookkeeping failing is never the client's fault.
             (Some(e), _) if self.bookkeeping => match classify_error(e) {
                 d @ (Disposition::Unavailable | Disposition::RetryHere) => d,
-                _ => Disposition::Temporary,
+                _ => {
+                    // The client will be told to retry: an operator must be able to see why.
+                    tracing::warn!(
+                        sqlstate = e.code().map_or("", |c| c.code()),
+                        "crudgate's own bookkeeping (ledger or rejections) failed"
+                    );
+                    Disposition::Temporary
+                }
             },
             (Some(e), _) => classify_error(e),
             // A statement that touched fewer rows than it had to (PATCH of a missing row).
