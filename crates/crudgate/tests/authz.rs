@@ -590,6 +590,34 @@ async fn a_denied_column_is_unauthorized_before_any_sql() {
 }
 
 #[tokio::test]
+async fn a_rejection_never_shows_the_values_of_columns_the_rules_hide() {
+    let db = fresh_db(SCHEMA).await;
+    db.admin
+        .batch_execute(
+            "alter table lists add column secret text default 'TOPSECRET',
+                               add constraint short_name check (length(name) < 10)",
+        )
+        .await
+        .expect("secret column");
+    let lists = TableRule {
+        deny_columns: vec!["secret".into()],
+        ..owned_lists()
+    };
+    let engine = engine(&db, config(vec![("lists", lists)])).await;
+    alice_owns_list_1(&engine).await;
+    // Postgres' detail for these shows the whole failing row.
+    for (data, code) in [
+        (json!({ "name": "far too long a name" }), "CHECK_VIOLATION"),
+        (json!({ "name": null }), "NOT_NULL_VIOLATION"),
+    ] {
+        let r = apply(&engine, user(A), vec![patch("lists", LIST_1, data)]).await;
+        assert_fatal(&r, code, 0);
+        let shown = serde_json::to_string(&r).expect("serializes");
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+    }
+}
+
+#[tokio::test]
 async fn a_rule_naming_an_unknown_column_refuses_its_table() {
     let db = fresh_db(SCHEMA).await;
     let lists = TableRule {

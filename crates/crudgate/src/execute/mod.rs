@@ -984,9 +984,13 @@ impl Engine {
         if let Some(c) = db.column() {
             details.insert("column".into(), client_column(c).into());
         }
-        // Postgres' DETAIL shows the sender's own row, except for an exclusion conflict, which
-        // shows the other row's values too: that one goes to no client.
-        let detail = db.detail().filter(|_| sqlstate != "23P01");
+        // Postgres' DETAIL names key values for a foreign key or unique violation: the
+        // sender's own. Elsewhere it can show what the sender may not see: the whole failing
+        // row, with columns the rules hide (NOT NULL, CHECK), or another row's values (an
+        // exclusion conflict). Those go to no client.
+        let detail = db
+            .detail()
+            .filter(|_| matches!(sqlstate, "23503" | "23505"));
         for (k, v) in [("constraint", db.constraint()), ("detail", detail)] {
             if let Some(v) = v {
                 details.insert(k.into(), v.into());
