@@ -63,6 +63,14 @@ pub struct EngineConfig {
     pub max_operations: usize,
     /// Largest request body in bytes.
     pub body_limit: usize,
+    /// Most request-body bytes read and being applied at once, over all requests; more wait.
+    /// A parsed body takes several times its size in memory, so this bounds the server's
+    /// memory under many large uploads. At least `body_limit`.
+    pub bodies_in_flight: usize,
+    /// How long a client may take to send a request's head, stay idle between requests on a
+    /// kept-alive connection, or stall in the middle of a body, in milliseconds. Connections
+    /// that send nothing would otherwise pile up until no one can connect.
+    pub client_idle_timeout_ms: u64,
     pub on_fatal: OnFatal,
     pub patch_missing: PatchMissing,
     pub bytea: ByteaEncoding,
@@ -224,6 +232,8 @@ impl Default for EngineConfig {
             max_transactions: 50,
             max_operations: 10_000,
             body_limit: 32 * 1024 * 1024,
+            bodies_in_flight: 64 * 1024 * 1024,
+            client_idle_timeout_ms: 30_000,
             on_fatal: OnFatal::Stop,
             patch_missing: PatchMissing::Ignore,
             bytea: ByteaEncoding::Base64,
@@ -247,6 +257,10 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    pub(crate) fn client_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_idle_timeout_ms.max(1))
+    }
+
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }

@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -419,10 +418,14 @@ async fn rest(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let identity = http::authenticate(&state, &parts.headers).await?;
-    let op_data = match op {
-        // A DELETE's body, if any, says nothing the path does not.
+    // A DELETE's body, if any, says nothing the path does not.
+    let body = match op {
         OpKind::Delete => None,
-        OpKind::Put | OpKind::Patch => Some(rest_data(&state, op, body).await?),
+        OpKind::Put | OpKind::Patch => Some(http::read_body(&state, &parts.headers, body).await?),
+    };
+    let op_data = match &body {
+        None => None,
+        Some(body) => Some(rest_data(op, &body.bytes)?),
     };
     let batch = Batch {
         client_id: None,
@@ -442,19 +445,14 @@ async fn rest(
     Ok(rest_answer(&state, &results[0]))
 }
 
-async fn rest_data(
-    state: &AppState,
-    op: OpKind,
-    body: Body,
-) -> Result<Map<String, Value>, ApiError> {
-    let bytes = http::read_body(state, body).await?;
+fn rest_data(op: OpKind, bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(bad_request(format!(
             "{} needs a body: a JSON object of column values",
             op.as_str()
         )));
     }
-    match serde_json::from_slice::<Value>(&bytes) {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(data)) => Ok(data),
         Ok(_) => Err(bad_request(
             "invalid body: expected a JSON object of column values",

@@ -1,15 +1,22 @@
 //! The HTTP face: `POST /api/data` in the reference contract, health and readiness. The other
 //! request shapes clients send (see `dialects`) share its helpers.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::{to_bytes, Body, Bytes};
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::ServiceExt;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::dialects;
@@ -22,15 +29,86 @@ use crate::protocol::{self, Batch, BatchResponse, TxResult};
 pub struct AppState {
     pub(crate) engine: Engine,
     auth: Arc<Authenticator>,
+    /// Body bytes that may be in flight, in KiB (see `EngineConfig::bodies_in_flight`).
+    bodies: Arc<Semaphore>,
 }
 
 impl AppState {
     pub fn new(engine: Engine, auth: Authenticator) -> Self {
+        let cfg = engine.config();
+        let budget = cfg.bodies_in_flight.max(cfg.body_limit);
         Self {
+            bodies: Arc::new(Semaphore::new(kib(budget))),
             engine,
             auth: Arc::new(auth),
         }
     }
+}
+
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS)
+}
+
+/// Connections served at once; more wait in the listen backlog. Below common file-descriptor
+/// limits, so the pool and the JWKS client always have descriptors left.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// The accept loop: HTTP/1.1 on each connection, with a timeout for a request's head
+/// (`client_idle_timeout_ms`) and the connection limit above, which `axum::serve` does not
+/// set. On `shutdown`, stops accepting, lets requests in flight finish (an answer is only sent
+/// after its COMMIT) and closes idle connections.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let head_timeout = state.engine.config().client_idle_timeout();
+    let app = router(state);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (closing, _) = tokio::sync::watch::channel(());
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for some to be freed, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Answers are small and latency-bound: never let Nagle hold one back.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .map_request(|r: axum::http::Request<hyper::body::Incoming>| r.map(Body::new)),
+        );
+        let mut closing = closing.subscribe();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut conn = pin!(hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service));
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closing.changed() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    let _ = closing.send(());
+    // Every connection gives its slot back when it is done.
+    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+    Ok(())
 }
 
 /// The crudgate routes, ready to be served or nested in an embedder's own router.
@@ -99,17 +177,18 @@ async fn ready(State(state): State<AppState>) -> Response {
 async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let identity = authenticate(&state, &parts.headers).await?;
-    let bytes = read_body(&state, body).await?;
-    let batch = match serde_json::from_slice::<Batch>(&bytes) {
+    let body = read_body(&state, &parts.headers, body).await?;
+    let bytes = &body.bytes;
+    let batch = match serde_json::from_slice::<Batch>(bytes) {
         Ok(batch) => batch,
         // Only a body that is not a reference batch is looked at again, so the reference
         // path costs nothing more; and only a bad batch is explained (one more parse).
-        Err(_) => match dialects::other_shape(&bytes) {
+        Err(_) => match dialects::other_shape(bytes) {
             Some(shape) => {
-                return dialects::upload(&state, identity, &parts.headers, shape, &bytes).await
+                return dialects::upload(&state, identity, &parts.headers, shape, bytes).await
             }
             None => {
-                let why = protocol::explain::<Batch>("request", &bytes);
+                let why = protocol::explain::<Batch>("request", bytes);
                 return Err(ApiError::new(StatusCode::BAD_REQUEST, why.0));
             }
         },
@@ -181,14 +260,75 @@ pub(crate) async fn authenticate(
     })
 }
 
-/// Reads the body, refusing one over the configured size.
-pub(crate) async fn read_body(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
+/// A request body, read whole, and its share of `bodies_in_flight`, held until the request is
+/// answered (its parsed form lives that long).
+pub(crate) struct ReadBody {
+    pub bytes: Bytes,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Reads the body once the budget allows, refusing one over the configured size (413), one
+/// that stalls (408) and one cut short (400).
+pub(crate) async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<ReadBody, ApiError> {
     let limit = state.engine.config().body_limit;
-    to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds {limit} bytes"),
         )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let budget = state
+        .bodies
+        .clone()
+        .acquire_many_owned(kib(declared.unwrap_or(limit).max(1)) as u32)
+        .await
+        .expect("never closed");
+    let stall = state.engine.config().client_idle_timeout();
+    let mut chunks = body.into_data_stream();
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut len = 0;
+    loop {
+        match tokio::time::timeout(stall, chunks.next()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body stalled for {} ms", stall.as_millis()),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "request body incomplete or malformed",
+                ))
+            }
+            Ok(Some(Ok(chunk))) => {
+                len += chunk.len();
+                if len > limit {
+                    return Err(too_large());
+                }
+                parts.push(chunk);
+            }
+        }
+    }
+    let bytes = match parts.len() {
+        1 => parts.pop().expect("one part"),
+        _ => Bytes::from(parts.concat()),
+    };
+    Ok(ReadBody {
+        bytes,
+        _budget: budget,
     })
 }
 

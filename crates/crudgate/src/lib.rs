@@ -41,18 +41,12 @@ pub use plan::{Context, Rejection, WriteHook};
 pub const DEMO_SCHEMA: &str = include_str!("demo.sql");
 
 /// Serves the router until `shutdown` resolves, then finishes the requests in flight: a
-/// response is only ever sent after its COMMIT, so none is cut off halfway.
+/// response is only ever sent after its COMMIT, so none is cut off halfway. Slow or idle
+/// connections are closed and at most a few thousand are served at once (see `http::serve`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Answers are small and latency-bound: never let Nagle hold one back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    http::serve(listener, state, shutdown).await
 }

@@ -288,3 +288,99 @@ async fn a_transaction_of_thousands_of_operations_is_applied_or_rejected_whole()
         .get(0);
     assert_eq!(done, 2500);
 }
+
+/// Opens a TCP connection to the app and sends `bytes`.
+async fn raw_connection(app: &TestApp, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = app.base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(bytes).await.expect("write");
+    tcp
+}
+
+/// Reads until the server closes the connection; what it sent.
+async fn until_closed(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut got),
+    )
+    .await
+    .expect("closed by the server")
+    .ok();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn idle_timeout(ms: u64) -> EngineConfig {
+    EngineConfig {
+        client_idle_timeout_ms: ms,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_headers_is_closed() {
+    let (_db, app) = app_with(idle_timeout(500)).await;
+    let mut tcp = raw_connection(&app, b"POST /api/data HTTP/1.1\r\nHost: x\r\n").await;
+    until_closed(&mut tcp).await;
+    // The server still serves everyone else.
+    assert_success(&app.apply_tx(list_tx()).await);
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_408_and_nothing_is_applied() {
+    let (_db, app) = app_with(idle_timeout(500)).await;
+    let mut tcp = raw_connection(
+        &app,
+        b"POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"transactions\":",
+    )
+    .await;
+    let answer = until_closed(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_400_not_413() {
+    let (_db, app) = app().await;
+    let body = batch(vec![list_tx()]).to_string();
+    let head = format!(
+        "POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len() + 100
+    );
+    let mut tcp = raw_connection(&app, format!("{head}{body}").as_bytes()).await;
+    tokio::io::AsyncWriteExt::shutdown(&mut tcp)
+        .await
+        .expect("half-close");
+    let answer = until_closed(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+}
+
+#[tokio::test]
+async fn requests_wait_while_the_bodies_in_flight_fill_the_budget() {
+    // One request that declares the whole budget and stalls holds everyone else back until it
+    // times out; without the budget the second request would not wait.
+    let (_db, app) = app_with(EngineConfig {
+        body_limit: 64 * 1024,
+        bodies_in_flight: 64 * 1024,
+        client_idle_timeout_ms: 1000,
+        ..Default::default()
+    })
+    .await;
+    let mut hog = raw_connection(
+        &app,
+        b"POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n{",
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    assert_success(&app.apply_tx(list_tx()).await);
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(700),
+        "waited {waited:?}"
+    );
+    assert!(until_closed(&mut hog).await.starts_with("HTTP/1.1 408"));
+}
