@@ -33,6 +33,9 @@ pub fn classify(sqlstate: &str) -> Disposition {
         "23505" => Reject("UNIQUE_VIOLATION"),
         "23514" => Reject("CHECK_VIOLATION"),
         "42501" => Reject("UNAUTHORIZED"),
+        // A value too big for what holds it: an index entry, an array of more than 6
+        // dimensions. The data, not the moment, is at fault.
+        "54000" => Reject("INVALID_DATA"),
         "42P01" | "42703" | "42704" | "42804" | "428C9" => Schema,
         s if s.starts_with("08") => Unavailable,
         s if s.starts_with("53") || s.starts_with("58") => Temporary,

@@ -222,6 +222,25 @@ async fn a_row_level_security_refusal_is_unauthorized() {
 }
 
 #[tokio::test]
+async fn a_value_too_big_for_its_index_is_invalid_data() {
+    let db = TestDb::new().await;
+    db.exec("create index lists_name on lists (name)").await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    // Random, so that Postgres cannot compress it under the index entry limit (about 2.7 kB).
+    let name: String = (0..300).map(|_| new_id().to_string()).collect();
+    let f = rejected(
+        &app,
+        vec![put("lists", new_id(), json!({ "name": name }))],
+        "INVALID_DATA",
+        0,
+    )
+    .await;
+    assert_eq!(f["details"]["sqlstate"], "54000", "{f}");
+    assert!(!f.to_string().contains(&name[..36]), "{f}");
+    assert_eq!(count(&app.db, "lists").await, 0);
+}
+
+#[tokio::test]
 async fn a_trigger_raising_an_exception_is_unclassified_error() {
     let db = TestDb::new().await;
     db.exec(
