@@ -77,25 +77,27 @@ pub(crate) async fn upload(
     identity: Identity,
     headers: &HeaderMap,
     shape: Shape,
-    body: &[u8],
+    body: http::ReadBody,
 ) -> Result<Response, ApiError> {
+    let (bytes, budget) = (&body.bytes, body.budget.clone());
     match shape {
         Shape::Demo => {
-            let batch = parse_demo(body, headers)?;
+            let batch = parse_demo(bytes, headers)?;
             let ops = batch.transactions[0].crud.len();
             http::check_operations(state, ops)?;
-            let results = http::apply(state, identity, headers, batch).await?;
+            let results = http::apply(state, identity, headers, batch, budget).await?;
             Ok(demo_answer(state, &results[0]))
         }
         Shape::Entries => {
-            let (client_id, groups) = parse_entries(body)?;
+            let (client_id, groups) = parse_entries(bytes)?;
             let ops = groups.iter().map(|t| t.crud.len()).sum();
             http::check_operations(state, ops)?;
             let tx_ids: Vec<Value> = groups
                 .iter()
                 .map(|t| t.transaction_id.clone().unwrap_or(Value::Null))
                 .collect();
-            let results = apply_in_chunks(state, identity, headers, client_id, groups).await?;
+            let results =
+                apply_in_chunks(state, identity, headers, client_id, groups, budget).await?;
             let results: Vec<EntryResult> = results
                 .into_iter()
                 .zip(tx_ids)
@@ -342,6 +344,7 @@ async fn apply_in_chunks(
     headers: &HeaderMap,
     client_id: Option<String>,
     groups: Vec<Transaction>,
+    budget: http::Budget,
 ) -> Result<Vec<TxResult>, ApiError> {
     let cfg = state.engine.config();
     let total = groups.len();
@@ -353,7 +356,7 @@ async fn apply_in_chunks(
             client_id: client_id.clone(),
             transactions: chunk,
         };
-        match http::apply(state, identity.clone(), headers, batch).await {
+        match http::apply(state, identity.clone(), headers, batch, budget.clone()).await {
             Ok(rs) => results.extend(rs),
             // Nothing applied at all: the request as a whole is to be retried.
             Err(e) if results.is_empty() => return Err(e),
@@ -441,7 +444,8 @@ async fn rest(
             }],
         }],
     };
-    let results = http::apply(&state, identity, &parts.headers, batch).await?;
+    let budget = body.map(|b| b.budget).unwrap_or_default();
+    let results = http::apply(&state, identity, &parts.headers, batch, budget).await?;
     Ok(rest_answer(&state, &results[0]))
 }
 

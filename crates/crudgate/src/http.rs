@@ -38,16 +38,21 @@ impl AppState {
         let cfg = engine.config();
         let budget = cfg.bodies_in_flight.max(cfg.body_limit);
         Self {
-            bodies: Arc::new(Semaphore::new(kib(budget))),
+            bodies: Arc::new(Semaphore::new(kib(budget) as usize)),
             engine,
             auth: Arc::new(auth),
         }
     }
 }
 
-fn kib(bytes: usize) -> usize {
-    bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS)
+/// Body bytes as permits of the budget: KiB, within what one acquisition can take.
+fn kib(bytes: usize) -> u32 {
+    bytes.div_ceil(1024).min(u32::MAX as usize) as u32
 }
+
+/// The slowest average rate a body may arrive at, after the first idle window: a request's
+/// share of the budget cannot be held for ever by a client sending a byte now and then.
+const MIN_BODY_RATE: u64 = 64 * 1024;
 
 /// Connections served at once; more wait in the listen backlog. Below common file-descriptor
 /// limits, so the pool and the JWKS client always have descriptors left.
@@ -137,7 +142,7 @@ impl ApiError {
             retry_after_ms: None,
         }
     }
-    fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
+    pub(crate) fn unavailable(message: impl Into<String>, retry_after_ms: u64) -> Self {
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: message.into(),
@@ -178,23 +183,22 @@ async fn upload(State(state): State<AppState>, req: Request) -> Result<Response,
     let (parts, body) = req.into_parts();
     let identity = authenticate(&state, &parts.headers).await?;
     let body = read_body(&state, &parts.headers, body).await?;
-    let bytes = &body.bytes;
-    let batch = match serde_json::from_slice::<Batch>(bytes) {
+    let batch = match serde_json::from_slice::<Batch>(&body.bytes) {
         Ok(batch) => batch,
         // Only a body that is not a reference batch is looked at again, so the reference
         // path costs nothing more; and only a bad batch is explained (one more parse).
-        Err(_) => match dialects::other_shape(bytes) {
+        Err(_) => match dialects::other_shape(&body.bytes) {
             Some(shape) => {
-                return dialects::upload(&state, identity, &parts.headers, shape, bytes).await
+                return dialects::upload(&state, identity, &parts.headers, shape, body).await
             }
             None => {
-                let why = protocol::explain::<Batch>("request", bytes);
+                let why = protocol::explain::<Batch>("request", &body.bytes);
                 return Err(ApiError::new(StatusCode::BAD_REQUEST, why.0));
             }
         },
     };
     check_limits(&state, &batch)?;
-    let results = apply(&state, identity, &parts.headers, batch).await?;
+    let results = apply(&state, identity, &parts.headers, batch, body.budget).await?;
     Ok(Json(BatchResponse { results }).into_response())
 }
 
@@ -205,6 +209,7 @@ pub(crate) async fn apply(
     identity: Identity,
     headers: &HeaderMap,
     batch: Batch,
+    budget: Budget,
 ) -> Result<Vec<TxResult>, ApiError> {
     let client_id = batch.client_id.clone().or_else(|| {
         headers
@@ -228,7 +233,7 @@ pub(crate) async fn apply(
             std::time::Instant::now(),
         )
     });
-    let outcome = state.engine.apply(ctx, batch).await;
+    let outcome = state.engine.apply_holding(ctx, batch, budget).await;
     if let Some((transactions, ops, client_id, started)) = logged {
         tracing::debug!(
             transactions,
@@ -260,21 +265,30 @@ pub(crate) async fn authenticate(
     })
 }
 
-/// A request body, read whole, and its share of `bodies_in_flight`, held until the request is
-/// answered (its parsed form lives that long).
+/// A request body's share of `bodies_in_flight`. Held until its batch is applied, also when
+/// that outlives the request (a client that hangs up, see `Engine::apply`): the parsed batch
+/// takes memory that long.
+#[derive(Clone, Default)]
+pub(crate) struct Budget {
+    _held: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+/// A request body, read whole, and its share of the budget.
 pub(crate) struct ReadBody {
     pub bytes: Bytes,
-    _budget: OwnedSemaphorePermit,
+    pub budget: Budget,
 }
 
 /// Reads the body once the budget allows, refusing one over the configured size (413), one
-/// that stalls (408) and one cut short (400).
+/// that stalls or trickles (408), one cut short (400), and one that waited its client's idle
+/// timeout for the budget (503: the server is busy with other uploads).
 pub(crate) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<ReadBody, ApiError> {
-    let limit = state.engine.config().body_limit;
+    let cfg = state.engine.config();
+    let limit = cfg.body_limit;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -288,24 +302,45 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let budget = state
+    // Without a length, the body may be as large as allowed.
+    let expected = declared.unwrap_or(limit);
+    let idle = cfg.client_idle_timeout();
+    let take = state
         .bodies
         .clone()
-        .acquire_many_owned(kib(declared.unwrap_or(limit).max(1)) as u32)
-        .await
-        .expect("never closed");
-    let stall = state.engine.config().client_idle_timeout();
+        .acquire_many_owned(kib(expected.max(1)));
+    let budget = match tokio::time::timeout(idle, take).await {
+        Ok(permit) => permit.expect("never closed"),
+        Err(_) => {
+            return Err(ApiError::unavailable(
+                "busy with other uploads; nothing was applied",
+                cfg.retry_after_ms,
+            ))
+        }
+    };
+    let deadline = tokio::time::Instant::now()
+        + idle
+        + std::time::Duration::from_secs(expected as u64 / MIN_BODY_RATE);
+    let slow = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body stalled for {} ms or arrived slower than {} KiB/s",
+                idle.as_millis(),
+                MIN_BODY_RATE / 1024
+            ),
+        )
+    };
     let mut chunks = body.into_data_stream();
     let mut parts: Vec<Bytes> = Vec::new();
     let mut len = 0;
     loop {
-        match tokio::time::timeout(stall, chunks.next()).await {
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("request body stalled for {} ms", stall.as_millis()),
-                ))
-            }
+        let next = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + idle),
+            chunks.next(),
+        );
+        match next.await {
+            Err(_) => return Err(slow()),
             Ok(None) => break,
             Ok(Some(Err(_))) => {
                 return Err(ApiError::new(
@@ -328,7 +363,9 @@ pub(crate) async fn read_body(
     };
     Ok(ReadBody {
         bytes,
-        _budget: budget,
+        budget: Budget {
+            _held: Some(Arc::new(budget)),
+        },
     })
 }
 

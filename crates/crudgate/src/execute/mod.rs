@@ -311,9 +311,22 @@ impl Engine {
     /// returns. Runs to completion even if the caller stops waiting (a client that hangs up
     /// must not leave a half-sent transaction on a pooled connection).
     pub async fn apply(&self, ctx: Context, batch: Batch) -> Outcome {
+        self.apply_holding(ctx, batch, ()).await
+    }
+
+    /// `apply`, keeping `held` until the batch is done, even if the caller stops waiting.
+    pub(crate) async fn apply_holding(
+        &self,
+        ctx: Context,
+        batch: Batch,
+        held: impl Send + 'static,
+    ) -> Outcome {
         let engine = self.clone();
         let n = batch.transactions.len();
-        let work = async move { engine.apply_here(&ctx, &batch).await };
+        let work = async move {
+            let _held = held;
+            engine.apply_here(&ctx, &batch).await
+        };
         match Finish(Some(Box::pin(AssertUnwindSafe(work).catch_unwind()))).await {
             Ok(outcome) => outcome,
             Err(_) => {
