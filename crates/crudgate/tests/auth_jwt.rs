@@ -627,11 +627,17 @@ async fn an_audience_array_containing_a_configured_audience_passes() {
 }
 
 #[tokio::test]
-async fn a_token_without_sub_is_unauthorized() {
+async fn a_token_without_a_usable_sub_is_unauthorized() {
     let key = TestKey::p256();
     let (_server, auth) = setup(vec![key.jwk("ec-1")]).await;
     let t = now();
-    for sub in [None, Some(json!("")), Some(json!(42))] {
+    // A NUL cannot be stored in Postgres text: such a user could record nothing.
+    for sub in [
+        None,
+        Some(json!("")),
+        Some(json!(42)),
+        Some(json!("a\u{0}b")),
+    ] {
         let mut c = json!({"aud":AUD,"iat":t,"exp":t + 600});
         if let Some(sub) = sub {
             c["sub"] = sub;
@@ -789,11 +795,12 @@ async fn the_refetch_rate_limit_holds_for_two_unknown_kids_in_a_row() {
         "unknown key id",
     );
     assert_eq!(server.hits(), 2, "the first unknown kid refetches");
-    assert_unauthorized(
+    // The key set was not asked about the second kid: it may be a key published since, so
+    // the answer is "try later", not a final 401.
+    assert!(matches!(
         auth.authenticate(Some(&bearer(&second))).await,
-        &second,
-        "unknown key id",
-    );
+        Err(AuthError::Unavailable(_))
+    ));
     assert_eq!(server.hits(), 2, "the second one, within 30 s, does not");
     // Known keys keep working and cause no fetch.
     auth.authenticate(Some(&bearer(&key.token(Some("ec-1"), &claims()))))
@@ -813,11 +820,10 @@ async fn two_unknown_kids_in_a_row_cause_one_fetch_on_a_fresh_authenticator() {
         &first,
         "unknown key id",
     );
-    assert_unauthorized(
+    assert!(matches!(
         auth.authenticate(Some(&bearer(&second))).await,
-        &second,
-        "unknown key id",
-    );
+        Err(AuthError::Unavailable(_))
+    ));
     assert_eq!(server.hits(), 1);
 }
 

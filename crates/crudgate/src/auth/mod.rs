@@ -327,6 +327,8 @@ impl Authenticator {
         let mut snap = None;
         // Whether this request already caused (or waited for) a fetch.
         let mut refreshed = false;
+        // Whether that fetch was refused by the rate limit, so the key set was not asked.
+        let mut not_asked = false;
         if let Some(remote) = &inner.remote {
             let mut s = remote.snapshot();
             if s.fetched_at.is_none() {
@@ -372,7 +374,10 @@ impl Authenticator {
             // No key for this token: the key set may have rotated. Refetch once (rate-limited).
             match (&inner.remote, snap.as_ref()) {
                 (Some(remote), Some(s)) if !refreshed => {
-                    snap = Some(remote.refresh(s.generation, Reason::UnknownKid).await);
+                    let before = s.generation;
+                    let now = remote.refresh(before, Reason::UnknownKid).await;
+                    not_asked = now.generation == before;
+                    snap = Some(now);
                     refreshed = true;
                     continue;
                 }
@@ -383,6 +388,20 @@ impl Authenticator {
                     return Err(AuthError::Unavailable(format!(
                         "cannot verify the token now: {why}"
                     )));
+                }
+                _ if not_asked => {
+                    // Someone else's unknown kid used up the refetch budget a moment ago; a
+                    // key published since then would be refused for good by a 401.
+                    tracing::info!(
+                        kid,
+                        alg = parsed.alg.name(),
+                        "unknown key id, refetch rate-limited"
+                    );
+                    return Err(AuthError::Unavailable(
+                        "the token's key id is not among the keys fetched last, and the key set \
+                         cannot be fetched again yet"
+                            .into(),
+                    ));
                 }
                 _ => {
                     if let (Some(remote), true) = (&inner.remote, refreshed) {

@@ -102,6 +102,10 @@ pub(crate) fn check_claims(
 ) -> Result<String, String> {
     let leeway = rules.leeway_secs as f64;
     let sub = match claims.get("sub") {
+        // Postgres text cannot hold NUL: such a subject could own nothing and record nothing.
+        Some(Value::String(s)) if s.contains('\0') => {
+            return Err("token sub claim contains a NUL character".into())
+        }
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::String(_)) => return Err("token sub claim is empty".into()),
         Some(_) => return Err("token sub claim is not a string".into()),
