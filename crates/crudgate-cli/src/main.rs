@@ -106,23 +106,39 @@ async fn rejections(settings: &Settings, cmd: &RejectionsCommand) -> anyhow::Res
                     "{:<36}  {:<24}  {:<12}  {:<8}  {:>3}  {:<16}  {:<6}  {:<22}  message",
                     "id", "created_at", "user", "tx", "op#", "table", "op", "code"
                 );
+                // Clients chose most of these strings: no escape sequence reaches the terminal.
+                let shown = |s: Option<&str>| -> String {
+                    s.unwrap_or("-")
+                        .chars()
+                        .map(|c| match c.is_control() {
+                            true => c.escape_default().to_string(),
+                            false => c.to_string(),
+                        })
+                        .collect()
+                };
                 for r in &rows {
                     println!(
                         "{:<36}  {:<24}  {:<12}  {:<8}  {:>3}  {:<16}  {:<6}  {:<22}  {}",
                         r.id,
                         r.created_at,
-                        r.user_id.as_deref().unwrap_or("-"),
-                        r.transaction_id.as_deref().unwrap_or("-"),
+                        shown(r.user_id.as_deref()),
+                        shown(r.transaction_id.as_deref()),
                         r.operation_index,
-                        r.table_name.as_deref().unwrap_or("-"),
-                        r.op.as_deref().unwrap_or("-"),
-                        r.error_code,
-                        r.message
+                        shown(r.table_name.as_deref()),
+                        shown(r.op.as_deref()),
+                        shown(Some(&r.error_code)),
+                        shown(Some(&r.message))
                     );
                 }
             }
         }
         RejectionsCommand::Replay { ids } => {
+            if engine.config().tables.is_empty() {
+                eprintln!(
+                    "warning: no write rules are configured; replay with the server's --config so \
+                     the same rules (owners, columns, server-set values) apply"
+                );
+            }
             let mut failed = false;
             for id in ids {
                 let result = engine

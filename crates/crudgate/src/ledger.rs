@@ -262,18 +262,30 @@ pub(crate) fn storable(s: &str) -> String {
 
 /// JSON text for crudgate's jsonb columns (see `storable_value`).
 pub(crate) fn storable_json<T: Serialize + ?Sized>(v: &T) -> String {
-    let mut tree = serde_json::to_value(v).expect("serializes");
-    storable_value(&mut tree);
-    tree.to_string()
+    storable_json_marked(v).0
 }
 
-/// A JSON value jsonb can hold, for the same reason as `storable`: NUL in strings and keys is
-/// recorded as U+FFFD, and a number beyond jsonb's numeric range (`1e200000`) as its text.
-pub(crate) fn storable_value(v: &mut Value) {
+/// `storable_json`, and whether anything had to be replaced.
+fn storable_json_marked<T: Serialize + ?Sized>(v: &T) -> (String, bool) {
+    let mut tree = serde_json::to_value(v).expect("serializes");
+    let replaced = storable_value(&mut tree);
+    (tree.to_string(), replaced)
+}
+
+/// Makes a JSON value one jsonb can hold, for the same reason as `storable`: NUL in strings
+/// and keys is recorded as U+FFFD, and a number beyond jsonb's numeric range (`1e200000`) as
+/// its text. Whether anything was replaced.
+pub(crate) fn storable_value(v: &mut Value) -> bool {
     match v {
-        Value::String(s) if s.contains('\0') => *s = storable(s),
-        Value::Number(n) if !fits_jsonb(&n.to_string()) => *v = Value::String(n.to_string()),
-        Value::Array(items) => items.iter_mut().for_each(storable_value),
+        Value::String(s) if s.contains('\0') => {
+            *s = storable(s);
+            true
+        }
+        Value::Number(n) if !fits_jsonb(&n.to_string()) => {
+            *v = Value::String(n.to_string());
+            true
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |r, v| storable_value(v) | r),
         Value::Object(m) if m.keys().any(|k| k.contains('\0')) => {
             *m = std::mem::take(m)
                 .into_iter()
@@ -281,12 +293,17 @@ pub(crate) fn storable_value(v: &mut Value) {
                     storable_value(&mut v);
                     (storable(&k), v)
                 })
-                .collect()
+                .collect();
+            true
         }
-        Value::Object(m) => m.values_mut().for_each(storable_value),
-        _ => {}
+        Value::Object(m) => m.values_mut().fold(false, |r, v| storable_value(v) | r),
+        _ => false,
     }
 }
+
+/// The key in a stored rejection's `details` that says its transaction was stored with
+/// replacements (see `storable_value`): replaying it would write other data than was sent.
+pub(crate) const REPLACED: &str = "stored_with_replacements";
 
 /// Whether a JSON number's digits fit Postgres' numeric, which jsonb uses: at most 131,072
 /// digits before the decimal point and 16,383 after (with a margin).
@@ -299,7 +316,8 @@ fn fits_jsonb(number: &str) -> bool {
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let before = int.trim_start_matches('-').len() as i64 + exp;
     let after = frac.len() as i64 - exp;
-    before < 131_000 && after < 16_000
+    // Older Postgres also refuses exponents beyond ±1000 in numeric input.
+    before < 131_000 && after < 16_000 && exp.abs() <= 1000
 }
 
 /// A decision already in the ledger.
@@ -317,6 +335,11 @@ pub(crate) fn rejection_params(
 ) -> Vec<Option<String>> {
     let op = tx.crud.get(r.operation_index);
     let json = |v: Option<&serde_json::Map<String, Value>>| v.map(storable_json);
+    let (transaction, replaced) = storable_json_marked(&tx.crud);
+    let mut details = r.details.clone();
+    if let (true, Value::Object(d)) = (replaced, &mut details) {
+        d.insert(REPLACED.into(), Value::Bool(true));
+    }
     vec![
         ctx.user_id.as_deref().map(storable),
         ctx.client_id.as_deref().map(storable),
@@ -330,8 +353,8 @@ pub(crate) fn rejection_params(
         op.and_then(|o| o.metadata.as_ref()).map(text_of),
         Some(r.code.clone()),
         Some(storable(&r.message)),
-        Some(storable_json(&r.details)),
-        Some(storable_json(&tx.crud)),
+        Some(storable_json(&details)),
+        Some(transaction),
         // The verified claims, so a replay runs with the same identity (server-set columns
         // and RLS policies may read any claim).
         (!ctx.claims.is_null()).then(|| storable_json(&ctx.claims)),

@@ -111,7 +111,11 @@ impl Engine {
             .map_err(|e| e.to_string())?
             .query_opt(
                 &format!(
-                    "select user_id, transaction_id, transaction, claims from {} where id = $1",
+                    "select user_id, transaction_id, transaction, claims,
+                            replayed_at::text, replay_result->>'status',
+                            coalesce((details->>'{}')::boolean, false)
+                       from {} where id = $1",
+                    crate::ledger::REPLACED,
                     self.tables().rejections
                 ),
                 &[&key],
@@ -119,6 +123,18 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(missing)?;
+        // Applied once already: again could overwrite what the user wrote since.
+        if let (Some(at), Some("success")) = (row.get::<_, Option<String>>(4), row.get(5)) {
+            return Err(format!(
+                "rejection {id} was already replayed successfully at {at}"
+            ));
+        }
+        if row.get::<_, bool>(6) {
+            return Err(format!(
+                "rejection {id} was stored with characters or numbers Postgres cannot hold \
+                 replaced; replaying it would write other data than the client sent"
+            ));
+        }
         let user_id: Option<String> = row.get(0);
         let transaction_id: Option<String> = row.get(1);
         let crud: Vec<Operation> = serde_json::from_value(row.get::<_, Value>(2))

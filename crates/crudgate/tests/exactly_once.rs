@@ -401,6 +401,10 @@ async fn a_rejected_transaction_is_stored_with_every_field_replayed_after_a_fix_
         (r.get(0), r.get(1))
     };
     assert_eq!(replay, (Some(json!({"status": "success"})), true));
+    // Once applied, never again: it could overwrite what the user wrote since.
+    let again = app.engine.replay_rejection(&id).await;
+    assert!(again.is_err_and(|e| e.contains("already replayed")));
+    assert_eq!(count(&app.db, "todos").await, 2);
 
     // A second, newer rejection; then age the first: purge removes only the old one.
     let r = app
@@ -657,6 +661,10 @@ async fn a_nul_character_anywhere_is_rejected_recorded_and_answered_again_never_
         name["name"], "a\u{FFFD}b",
         "the value is kept, its NUL marked"
     );
+    // Replaying it would write U+FFFD, which the client never sent.
+    let id: String = rows[0].get(0);
+    let replay = app.engine.replay_rejection(&id).await;
+    assert!(replay.is_err_and(|e| e.contains("replaced")));
     assert_eq!(count(&app.db, "lists").await, 1, "only the seeded list");
 }
 

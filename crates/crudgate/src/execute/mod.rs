@@ -440,12 +440,13 @@ impl Engine {
         // The ledger replays this answer as stored: the same text both times.
         let mut details = r.details.clone();
         ledger::storable_value(&mut details);
+        let message = ledger::storable(&r.message);
         TxResult::FatalError {
             requires_client_handling: client_handles,
-            message: r.message.clone(),
+            message: message.clone(),
             failed_operation: FailedOperation {
-                error_code: r.code.clone(),
-                message: r.message.clone(),
+                error_code: ledger::storable(&r.code),
+                message,
                 details,
                 operation_index: r.operation_index,
             },
