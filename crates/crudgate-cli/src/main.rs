@@ -21,6 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    raise_open_files_limit();
     let args = Args::parse();
     let settings = Settings::load(&args)?;
     init_logging(&settings.log_format);
@@ -209,4 +210,21 @@ fn spawn_schema_reload_on_sighup(engine: Engine) {
             }
         }
     });
+}
+
+/// Raises the soft limit on open files to the hard one: each client connection takes a file
+/// descriptor, and the usual soft limit (1024) would cap the server far below what it serves.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }

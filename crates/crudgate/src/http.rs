@@ -54,9 +54,26 @@ fn kib(bytes: usize) -> u32 {
 /// share of the budget cannot be held for ever by a client sending a byte now and then.
 const MIN_BODY_RATE: u64 = 64 * 1024;
 
-/// Connections served at once; more wait in the listen backlog. Below common file-descriptor
-/// limits, so the pool and the JWKS client always have descriptors left.
+/// Connections served at once, at most; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 4096;
+
+/// `MAX_CONNECTIONS`, or fewer when the process may not open that many files: a reserve is
+/// left for the database pool, the JWKS client and logging, which must keep working when
+/// every connection slot is taken.
+fn connection_slots() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let files = if ok {
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        1024
+    };
+    files.saturating_sub(256).clamp(64, MAX_CONNECTIONS)
+}
 
 /// The accept loop: HTTP/1.1 on each connection, with a timeout for a request's head
 /// (`client_idle_timeout_ms`) and the connection limit above, which `axum::serve` does not
@@ -69,7 +86,8 @@ pub(crate) async fn serve(
 ) -> std::io::Result<()> {
     let head_timeout = state.engine.config().client_idle_timeout();
     let app = router(state);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let max = connection_slots();
+    let slots = Arc::new(Semaphore::new(max));
     let (closing, _) = tokio::sync::watch::channel(());
     let mut shutdown = pin!(shutdown);
     loop {
@@ -112,7 +130,7 @@ pub(crate) async fn serve(
     }
     let _ = closing.send(());
     // Every connection gives its slot back when it is done.
-    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+    let _ = slots.acquire_many(max as u32).await;
     Ok(())
 }
 
