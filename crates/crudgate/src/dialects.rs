@@ -57,14 +57,16 @@ pub(crate) fn other_shape(body: &[u8]) -> Option<Shape> {
         b'[' => Some(Shape::Entries),
         b'{' => {
             let keys: BTreeMap<String, IgnoredAny> = serde_json::from_slice(body).ok()?;
-            if keys.contains_key("transactions") {
-                None
-            } else if keys.contains_key("batch") {
-                Some(Shape::Demo)
-            } else if keys.contains_key("crud") {
-                Some(Shape::Entries)
-            } else {
-                None
+            // Both a demo batch and queue entries: which to apply is a guess, and applying
+            // one would acknowledge the other unapplied. Neither; the request is a 400.
+            match (
+                keys.contains_key("transactions"),
+                keys.contains_key("batch"),
+                keys.contains_key("crud"),
+            ) {
+                (false, true, false) => Some(Shape::Demo),
+                (false, false, true) => Some(Shape::Entries),
+                _ => None,
             }
         }
         _ => None,

@@ -687,6 +687,18 @@ async fn malformed_dialect_bodies_are_answered_400_naming_the_problem() {
             "missing field `transactions`",
         ),
         (
+            // A demo batch and queue entries at once: applying either would drop the other.
+            Method::POST,
+            "/api/data".into(),
+            json!({
+                "batch": [{"op": "PUT", "table": "lists", "id": id, "data": {"name": "x"}}],
+                "crud": [{"op": "PUT", "type": "lists", "id": id, "data": {"name": "y"}}],
+            })
+            .to_string()
+            .into_bytes(),
+            "missing field `transactions`",
+        ),
+        (
             Method::PUT,
             format!("/api/data/lists/{id}"),
             b"[1, 2]".to_vec(),
