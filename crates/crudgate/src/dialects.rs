@@ -458,7 +458,13 @@ fn rest_data(op: OpKind, bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
             op.as_str()
         )));
     }
-    match serde_json::from_slice::<Value>(bytes) {
+    let mut parsed = serde_json::from_slice::<Value>(bytes);
+    if parsed.is_err() {
+        if let Some(fixed) = crate::protocol::without_lone_surrogates(bytes) {
+            parsed = serde_json::from_slice::<Value>(&fixed);
+        }
+    }
+    match parsed {
         Ok(Value::Object(data)) => Ok(data),
         Ok(_) => Err(bad_request(
             "invalid body: expected a JSON object of column values",

@@ -200,8 +200,15 @@ async fn ready(State(state): State<AppState>) -> Response {
 async fn upload(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let identity = authenticate(&state, &parts.headers).await?;
-    let body = read_body(&state, &parts.headers, body).await?;
-    let batch = match serde_json::from_slice::<Batch>(&body.bytes) {
+    let mut body = read_body(&state, &parts.headers, body).await?;
+    let mut parsed = serde_json::from_slice::<Batch>(&body.bytes);
+    if parsed.is_err() {
+        if let Some(fixed) = protocol::without_lone_surrogates(&body.bytes) {
+            body.bytes = Bytes::from(fixed);
+            parsed = serde_json::from_slice::<Batch>(&body.bytes);
+        }
+    }
+    let batch = match parsed {
         Ok(batch) => batch,
         // Only a body that is not a reference batch is looked at again, so the reference
         // path costs nothing more; and only a bad batch is explained (one more parse).

@@ -174,3 +174,70 @@ fn strip_position(msg: &str) -> &str {
         None => msg,
     }
 }
+
+/// The body with every `\u` escape of a lone UTF-16 surrogate replaced by `\ufffd`, or `None`
+/// when it has none. JavaScript's `JSON.stringify` writes such escapes for a string cut in the
+/// middle of an emoji, and they are no Unicode text: the JSON parser refuses them, and so would
+/// Postgres. U+FFFD is what UTF-8 encoding does with them everywhere else (WHATWG's
+/// `TextEncoder`, Rust's `from_utf16_lossy`). Only tried on a body that failed to parse.
+pub(crate) fn without_lone_surrogates(body: &[u8]) -> Option<Vec<u8>> {
+    fn unit(b: &[u8], at: usize) -> Option<u16> {
+        let hex = b.get(at..at + 6)?;
+        if hex[0] != b'\\' || hex[1] != b'u' {
+            return None;
+        }
+        u16::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut replaced = false;
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'\\' {
+            out.push(body[i]);
+            i += 1;
+            continue;
+        }
+        // Every backslash in JSON starts an escape of two characters or `\uXXXX`.
+        match unit(body, i) {
+            Some(0xD800..=0xDBFF) if matches!(unit(body, i + 6), Some(0xDC00..=0xDFFF)) => {
+                out.extend_from_slice(&body[i..i + 12]);
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                out.extend_from_slice(b"\\ufffd");
+                replaced = true;
+                i += 6;
+            }
+            _ => {
+                let end = (i + 2).min(body.len());
+                out.extend_from_slice(&body[i..end]);
+                i = end;
+            }
+        }
+    }
+    replaced.then_some(out)
+}
+
+#[cfg(test)]
+mod surrogate_tests {
+    use super::without_lone_surrogates as fix;
+
+    #[test]
+    fn lone_surrogates_become_the_replacement_character_and_pairs_stay() {
+        assert_eq!(
+            fix(br#"{"s":"ab\ud83d"}"#).as_deref(),
+            Some(&br#"{"s":"ab\ufffd"}"#[..])
+        );
+        assert_eq!(
+            fix(br#"{"s":"\udc00y"}"#).as_deref(),
+            Some(&br#"{"s":"\ufffdy"}"#[..])
+        );
+        assert_eq!(fix(br#"{"s":"\ud83d\ude00"}"#), None, "a pair is one emoji");
+        assert_eq!(
+            fix(br#"{"s":"\\ud83d"}"#),
+            None,
+            "an escaped backslash, then text"
+        );
+        assert_eq!(fix(br#"{"s":"x"}"#), None);
+    }
+}

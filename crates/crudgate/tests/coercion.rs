@@ -586,3 +586,19 @@ async fn a_domain_check_failing_in_a_bulk_patch_names_its_operation() {
         "nothing of the failed transaction is kept"
     );
 }
+
+#[tokio::test]
+async fn a_lone_surrogate_from_a_cut_emoji_is_stored_as_the_replacement_character() {
+    // JavaScript's JSON.stringify writes "ab\ud83d" for "ab😀".slice(0, 3): no Unicode text,
+    // which UTF-8 encoders turn into U+FFFD. A 400 would block the client's queue for good.
+    let (_db, app) = kinds_app().await;
+    let id = new_id().to_string();
+    let body = format!(
+        r#"{{"transactions":[{{"transaction_id":1,"crud":[{{"op":"PUT","table":"kinds","id":"{id}",
+            "op_data":{{"code":"a\ud83d"}},"metadata":"\udc00"}}]}}]}}"#
+    );
+    let (status, _, answer) = app.post_raw(body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_success(&results(&answer)[0]);
+    assert_eq!(read::<String>(&app, &id, "code::text").await, "a\u{FFFD}");
+}
