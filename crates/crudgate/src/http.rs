@@ -52,7 +52,7 @@ fn kib(bytes: usize) -> u32 {
 
 /// The slowest average rate a body may arrive at, after the first idle window: a request's
 /// share of the budget cannot be held for ever by a client sending a byte now and then.
-const MIN_BODY_RATE: u64 = 64 * 1024;
+const MIN_BODY_RATE: u64 = 16 * 1024;
 
 /// Connections served at once, at most; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 4096;
@@ -304,9 +304,11 @@ pub(crate) struct ReadBody {
     pub budget: Budget,
 }
 
-/// Reads the body once the budget allows, refusing one over the configured size (413), one
-/// that stalls or trickles (408), one cut short (400), and one that waited its client's idle
-/// timeout for the budget (503: the server is busy with other uploads).
+/// Reads the body, taking its share of the budget as bytes arrive (a client that declares a
+/// large body and then trickles holds only what it sent). Refuses one over the configured size
+/// (413), one that stalls or arrives slower than `MIN_BODY_RATE` after the first idle window
+/// (408), one cut short (400), and one that waited the idle timeout for budget (503: the
+/// server is busy with other uploads; nothing was applied).
 pub(crate) async fn read_body(
     state: &AppState,
     headers: &HeaderMap,
@@ -327,25 +329,16 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    // Without a length, the body may be as large as allowed.
-    let expected = declared.unwrap_or(limit);
     let idle = cfg.client_idle_timeout();
-    let take = state
-        .bodies
-        .clone()
-        .acquire_many_owned(kib(expected.max(1)));
-    let budget = match tokio::time::timeout(idle, take).await {
-        Ok(permit) => permit.expect("never closed"),
-        Err(_) => {
-            return Err(ApiError::unavailable(
-                "busy with other uploads; nothing was applied",
-                cfg.retry_after_ms,
-            ))
-        }
+    let busy = || {
+        ApiError::unavailable(
+            "busy with other uploads; nothing was applied",
+            cfg.retry_after_ms,
+        )
     };
-    let deadline = tokio::time::Instant::now()
-        + idle
-        + std::time::Duration::from_secs(expected as u64 / MIN_BODY_RATE);
+    let take = |kib: u32| tokio::time::timeout(idle, state.bodies.clone().acquire_many_owned(kib));
+    let mut budget = take(1).await.map_err(|_| busy())?.expect("never closed");
+    let started = tokio::time::Instant::now();
     let slow = || {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -360,8 +353,10 @@ pub(crate) async fn read_body(
     let mut parts: Vec<Bytes> = Vec::new();
     let mut len = 0;
     loop {
+        // The first idle window, then time only for the bytes that actually arrived.
+        let earned = started + idle + std::time::Duration::from_secs(len as u64 / MIN_BODY_RATE);
         let next = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + idle),
+            earned.min(tokio::time::Instant::now() + idle),
             chunks.next(),
         );
         match next.await {
@@ -377,6 +372,11 @@ pub(crate) async fn read_body(
                 len += chunk.len();
                 if len > limit {
                     return Err(too_large());
+                }
+                let held = budget.num_permits() as u32;
+                if kib(len) > held {
+                    let more = take(kib(len) - held).await.map_err(|_| busy())?;
+                    budget.merge(more.expect("never closed"));
                 }
                 parts.push(chunk);
             }

@@ -360,27 +360,51 @@ async fn a_body_cut_short_is_400_not_413() {
 
 #[tokio::test]
 async fn requests_wait_while_the_bodies_in_flight_fill_the_budget() {
-    // One request that declares the whole budget and stalls holds everyone else back until it
-    // times out; without the budget the second request would not wait.
+    // A request that has sent the whole budget's worth of body and stalls holds everyone else
+    // back until it times out; without the budget the second request would not wait.
     let (_db, app) = app_with(EngineConfig {
         body_limit: 64 * 1024,
         bodies_in_flight: 64 * 1024,
-        client_idle_timeout_ms: 1000,
+        client_idle_timeout_ms: 2000,
         ..Default::default()
     })
     .await;
-    let mut hog = raw_connection(
-        &app,
-        b"POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n{",
-    )
-    .await;
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut head = b"POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n{\"s\":\"".to_vec();
+    head.extend(std::iter::repeat_n(b'x', 64 * 1024 - 16));
+    let mut hog = raw_connection(&app, &head).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     assert_success(&app.apply_tx(list_tx()).await);
     let waited = started.elapsed();
     assert!(
-        waited >= std::time::Duration::from_millis(700),
+        waited >= std::time::Duration::from_millis(1200),
         "waited {waited:?}"
     );
     assert!(until_closed(&mut hog).await.starts_with("HTTP/1.1 408"));
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_is_408_once_it_falls_behind_the_minimum_rate() {
+    use tokio::io::AsyncWriteExt;
+    let (_db, app) = app_with(idle_timeout(1000)).await;
+    let mut tcp = raw_connection(
+        &app,
+        b"POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await;
+    // A byte every 300 ms never stalls for the idle timeout, but is far below 16 KiB/s.
+    let started = std::time::Instant::now();
+    for _ in 0..30 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if tcp.write_all(b" ").await.is_err() {
+            break;
+        }
+    }
+    let answer = until_closed(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
