@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use crudgate::auth::Authenticator;
 use crudgate::{AppState, Engine};
+use tokio::sync::Notify;
 
 use settings::{Args, Command, RejectionsCommand, Settings};
 
@@ -65,7 +66,15 @@ async fn main() -> anyhow::Result<()> {
 
     spawn_schema_reload_on_sighup(engine.clone());
     let state = AppState::new(engine, auth);
-    crudgate::serve(listener, state, shutdown_signal()).await?;
+    // The first SIGTERM or Ctrl-C drains; a second one stops waiting (and still removes a
+    // throwaway cluster on the way out): an operator should never need SIGKILL.
+    let (first, second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    tokio::spawn(count_signals(first.clone(), second.clone()));
+    let drained = crudgate::serve(listener, state, async move { first.notified().await });
+    tokio::select! {
+        served = drained => served?,
+        () = second.notified() => tracing::warn!("second signal: stopped without waiting"),
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -186,14 +195,22 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn shutdown_signal() {
+/// Notifies `first` at the first SIGTERM or Ctrl-C, `second` at the next one.
+async fn count_signals(first: Arc<Notify>, second: Arc<Notify>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    for (i, notify) in [first, second].into_iter().enumerate() {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if i == 0 {
+            tracing::info!(
+                "shutting down: finishing requests in flight (a second signal stops now)"
+            );
+        }
+        notify.notify_one();
     }
-    tracing::info!("shutting down: finishing requests in flight");
 }
 
 /// `kill -HUP` reloads the catalog after a migration without a restart.

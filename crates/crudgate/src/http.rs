@@ -85,6 +85,7 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let head_timeout = state.engine.config().client_idle_timeout();
+    let engine = state.engine.clone();
     let app = router(state);
     let max = connection_slots();
     let slots = Arc::new(Semaphore::new(max));
@@ -128,9 +129,22 @@ pub(crate) async fn serve(
             let _ = conn.await;
         });
     }
+    // New connections are refused from here on, not left waiting in the backlog.
+    drop(listener);
     let _ = closing.send(());
-    // Every connection gives its slot back when it is done.
-    let _ = slots.acquire_many(max as u32).await;
+    // Every connection gives its slot back when it is done; batches whose clients hung up are
+    // finished too. A client that keeps its request open cannot hold the shutdown for longer
+    // than it could hold a request.
+    let drained = async {
+        let _ = slots.acquire_many(max as u32).await;
+        engine.finished().await;
+    };
+    if tokio::time::timeout(head_timeout, drained).await.is_err() {
+        tracing::warn!(
+            connections = max - slots.available_permits(),
+            "shutting down with requests still open"
+        );
+    }
     Ok(())
 }
 

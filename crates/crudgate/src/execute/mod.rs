@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -76,6 +77,28 @@ struct Inner {
     refresh_gate: tokio::sync::Mutex<Option<Instant>>,
     metrics: Metrics,
     lanes: Arc<group::Lanes>,
+    /// Batches being applied, also those whose caller went away (see `Finish`), so that a
+    /// shutdown can wait for them.
+    applying: std::sync::atomic::AtomicUsize,
+    applied_all: tokio::sync::Notify,
+}
+
+/// One batch being applied (see `Inner::applying`).
+struct Applying(Engine);
+
+impl Applying {
+    fn new(engine: Engine) -> Self {
+        engine.inner.applying.fetch_add(1, Ordering::SeqCst);
+        Applying(engine)
+    }
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        if self.0.inner.applying.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.inner.applied_all.notify_waiters();
+        }
+    }
 }
 
 /// A client asking for an unknown table may refresh the catalog at most this often.
@@ -136,6 +159,8 @@ impl Engine {
                 refresh_gate: tokio::sync::Mutex::new(None),
                 metrics: Metrics::default(),
                 lanes: Arc::default(),
+                applying: Default::default(),
+                applied_all: Default::default(),
             }),
         };
         if let Err(e) = engine.refresh_schema().await {
@@ -155,6 +180,20 @@ impl Engine {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Returns once no batch is being applied, counting those whose caller went away (they
+    /// run to completion on their own). For a shutdown, after the server stopped accepting.
+    pub async fn finished(&self) {
+        loop {
+            let notified = self.inner.applied_all.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.applying.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The connection pool, for embedders that want to run their own queries alongside.
@@ -323,8 +362,9 @@ impl Engine {
     ) -> Outcome {
         let engine = self.clone();
         let n = batch.transactions.len();
+        let applying = Applying::new(self.clone());
         let work = async move {
-            let _held = held;
+            let _held = (held, applying);
             engine.apply_here(&ctx, &batch).await
         };
         match Finish(Some(Box::pin(AssertUnwindSafe(work).catch_unwind()))).await {
