@@ -126,6 +126,11 @@ impl Engine {
             .parse()
             .map_err(|e: tokio_postgres::Error| StartError::DatabaseUrl(e.to_string()))?;
         pg.connect_timeout(cfg.connect_timeout());
+        // A database behind a silent network failure is noticed within about a minute, not
+        // the system default of two hours, so requests waiting on it end (as unavailable).
+        pg.keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
         pg.application_name("crudgate");
         // UTC so that nothing depends on the server's TimeZone; a statement timeout so a stuck
         // lock cannot hold a client's upload forever.
