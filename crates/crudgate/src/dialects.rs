@@ -81,7 +81,7 @@ pub(crate) async fn upload(
     shape: Shape,
     body: http::ReadBody,
 ) -> Result<Response, ApiError> {
-    let (bytes, budget) = (&body.bytes, body.budget.clone());
+    let (bytes, budget) = (&body.bytes, body.budget);
     match shape {
         Shape::Demo => {
             let batch = parse_demo(bytes, headers)?;

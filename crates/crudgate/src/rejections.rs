@@ -159,7 +159,8 @@ impl Engine {
         let outcome = self.apply(ctx, batch).await;
         let result = outcome.results.into_iter().next().ok_or("no result")?;
         if !matches!(result, TxResult::RetryableError { .. }) {
-            let json = crate::ledger::storable_json(&result);
+            // Storable already: every answer is made so where it is made (`Engine::answer`).
+            let json = serde_json::to_string(&result).expect("results serialize");
             self.pool()
                 .get()
                 .await

@@ -216,37 +216,16 @@ async fn a_client_that_goes_away_midway_has_its_transaction_finished_whole_not_b
 #[tokio::test]
 async fn a_shutdown_finishes_the_batch_of_a_client_that_hung_up_before_it_returns() {
     use tokio::io::AsyncWriteExt;
-    let db = TestDb::new().await;
-    let cfg = EngineConfig {
-        allow_unlisted_tables: true,
-        ..Default::default()
-    };
-    let engine = crudgate::Engine::connect(&db.url, cfg, vec![])
-        .await
-        .expect("engine");
-    let auth = crudgate::auth::Authenticator::new(&crudgate::auth::AuthConfig {
-        mode: crudgate::auth::AuthMode::None,
-        ..Default::default()
-    })
-    .expect("auth");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(crudgate::serve(
-        listener,
-        crudgate::AppState::new(engine, auth),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (_db, TestApp { server, db }) = app().await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
     // 10,000 lists in one request; the client hangs up while they are applied.
     let ops = (0..10_000)
         .map(|_| put("lists", new_id(), json!({"name": "l"})))
         .collect();
     let body = batch(vec![ops]).to_string();
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
     let head = format!(
         "POST /api/data HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -256,15 +235,13 @@ async fn a_shutdown_finishes_the_batch_of_a_client_that_hung_up_before_it_return
         .expect("sent");
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     drop(tcp);
-    let _ = stop.send(());
-    served.await.expect("joined").expect("served");
+    server.stop().await;
     assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
+        tokio::net::TcpStream::connect(&addr).await.is_err(),
         "no one is accepted after a shutdown"
     );
-    let client = db.client().await;
     assert_eq!(
-        count(&client, "lists").await,
+        count(&db, "lists").await,
         10_000,
         "finished before serve returned"
     );

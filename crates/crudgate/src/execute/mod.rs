@@ -627,7 +627,8 @@ impl Engine {
                 Param::Text(Some(scope.client_id.clone())),
                 col(&|(k, _)| k.id.clone()),
                 col(&|(k, _)| k.fingerprint.clone()),
-                col(&|(_, r)| ledger::storable_json(r)),
+                // Answers are made storable once, where they are made (`answer`).
+                col(&|(_, r)| serde_json::to_string(r).expect("results serialize")),
             ],
             ops: Vec::new(),
             expect: Expect::Any,

@@ -175,6 +175,20 @@ pub struct Server {
     pub http: reqwest::Client,
     pub engine: Engine,
     shutdown: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Shuts the server down and returns once `crudgate::serve` has returned.
+    #[allow(dead_code)] // not every test binary stops its server explicitly
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.expect("serve joined");
+        }
+    }
 }
 
 impl Drop for Server {
@@ -240,7 +254,7 @@ pub async fn spawn_server(
         .expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let served = tokio::spawn(async move {
         crudgate::serve(listener, state, async move {
             let _ = rx.await;
         })
@@ -255,6 +269,7 @@ pub async fn spawn_server(
             .expect("http client"),
         engine,
         shutdown: Some(tx),
+        served: Some(served),
     }
 }
 
