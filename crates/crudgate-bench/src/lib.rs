@@ -95,6 +95,7 @@ pub struct Measurement {
     pub median_ops_per_s: f64,
     pub median_p50_ms: f64,
     pub median_p99_ms: f64,
+    pub median_wal_bytes_per_op: f64,
     /// crudgate ops/s divided by the raw SQL limit's (W3: by the single-row commit rate).
     pub ratio_to_raw: Option<f64>,
     /// crudgate ops/s divided by the naive planner's.
@@ -227,7 +228,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             let (sample, checksum) = ctx.measure(s, load, &expected[s.load]).await?;
             checksums[i] = checksum;
             eprintln!(
-                "run {}/{}: {:<4} {:<8} {} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {:>5} requests grouped  (verified)",
+                "run {}/{}: {:<4} {:<8} {} clients: {:>9.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {:>5} requests grouped  {:>6.0} WAL bytes/op  (verified)",
                 run + 1,
                 opts.runs,
                 s.workload,
@@ -236,7 +237,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 sample.ops_per_s,
                 sample.p50_ms,
                 sample.p99_ms,
-                sample.grouped_requests
+                sample.grouped_requests,
+                sample.wal_bytes_per_op
             );
             samples[i].push(sample);
         }
@@ -258,6 +260,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             median_ops_per_s: median(runs.iter().map(|r| r.ops_per_s)),
             median_p50_ms: median(runs.iter().map(|r| r.p50_ms)),
             median_p99_ms: median(runs.iter().map(|r| r.p99_ms)),
+            median_wal_bytes_per_op: median(runs.iter().map(|r| r.wal_bytes_per_op)),
             ratio_to_raw: None,
             naive_factor: None,
             runs,
@@ -370,6 +373,15 @@ impl Ctx {
         Ok((name, url))
     }
 
+    /// The cluster's current WAL position, in bytes.
+    async fn wal_lsn(&self) -> anyhow::Result<f64> {
+        let row = self
+            .admin
+            .query_one("select (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// One run of one measurement on a fresh database, verified; returns the checksum.
     async fn measure(
         &mut self,
@@ -386,7 +398,8 @@ impl Ctx {
             )
         };
         let (name, url) = self.fresh(load).await?;
-        let sample = match s.mode {
+        let wal_before = self.wal_lsn().await?;
+        let mut sample = match s.mode {
             Mode::Raw => db::run_raw(&url, load, s.ops_per_tx).await,
             Mode::Crudgate | Mode::Naive => {
                 let planner = if s.mode == Mode::Naive {
@@ -406,6 +419,7 @@ impl Ctx {
             }
         }
         .with_context(what)?;
+        sample.wal_bytes_per_op = (self.wal_lsn().await? - wal_before) / sample.ops as f64;
         let checksum = db::verify(&url, expected).await.with_context(what)?;
         db::drop_database(&self.admin, &name).await?;
         Ok((sample, checksum))
@@ -502,7 +516,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<5} {:<9} {:>7} {:>7} {:>6} {:>11} {:>9} {:>9} {:>8} {:>9}",
+            "{:<5} {:<9} {:>7} {:>7} {:>6} {:>11} {:>9} {:>9} {:>8} {:>9} {:>7}",
             "work",
             "mode",
             "clients",
@@ -512,7 +526,8 @@ impl Report {
             "p50 ms",
             "p99 ms",
             "vs raw",
-            "vs naive"
+            "vs naive",
+            "WAL/op"
         );
         let opt = |v: Option<f64>, pct: bool| match v {
             Some(v) if pct => format!("{:.0}%", v * 100.0),
@@ -522,7 +537,7 @@ impl Report {
         for m in &self.measurements {
             let _ = writeln!(
                 s,
-                "{:<5} {:<9} {:>7} {:>7} {:>6} {:>11.0} {:>9.2} {:>9.2} {:>8} {:>9}",
+                "{:<5} {:<9} {:>7} {:>7} {:>6} {:>11.0} {:>9.2} {:>9.2} {:>8} {:>9} {:>7.0}",
                 m.workload,
                 m.mode.name(),
                 m.clients,
@@ -540,7 +555,8 @@ impl Report {
                 m.median_p50_ms,
                 m.median_p99_ms,
                 opt(m.ratio_to_raw, true),
-                opt(m.naive_factor, false)
+                opt(m.naive_factor, false),
+                m.median_wal_bytes_per_op
             );
         }
         if let Some(r) = &self.peak_rss {

@@ -14,6 +14,9 @@ pub struct Sample {
     pub max_ms: f64,
     /// Requests crudgate committed as members of a group commit (none for raw SQL).
     pub grouped_requests: u64,
+    /// WAL the cluster wrote during the run, per operation (bytes): full-page images and
+    /// bookkeeping rows show here, and a larger WAL flush makes each COMMIT slower.
+    pub wal_bytes_per_op: f64,
     #[serde(skip)]
     pub latencies_ms: Vec<f64>,
 }
@@ -30,6 +33,7 @@ impl Sample {
             p99_ms: quantile(&latencies_ms, 0.99),
             max_ms: latencies_ms.last().copied().unwrap_or(0.0),
             grouped_requests: 0,
+            wal_bytes_per_op: 0.0,
             latencies_ms,
         }
     }
