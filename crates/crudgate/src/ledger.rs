@@ -158,10 +158,12 @@ impl Tables {
         )
     }
 
+    /// Entries of one user, of one client or (in a group commit) several.
     pub fn insert_sql(&self) -> String {
         format!(
             "insert into {} (user_id, client_id, transaction_id, fingerprint, outcome)
-             select $1, $2, t, f, o::jsonb from unnest($3::text[], $4::text[], $5::text[]) as x(t, f, o)",
+             select $1, c, t, f, o::jsonb
+               from unnest($2::text[], $3::text[], $4::text[], $5::text[]) as x(c, t, f, o)",
             self.ledger
         )
     }

@@ -609,30 +609,7 @@ impl Engine {
 
     /// One insert for all ledger entries of a database transaction.
     fn ledger_insert(&self, req: &Req<'_>, entries: &[(usize, TxResult)]) -> Option<Stmt<'static>> {
-        let scope = req.scope?;
-        let keyed: Vec<(&TxKey, &TxResult)> = entries
-            .iter()
-            .filter_map(|(i, r)| req.keys[*i].as_ref().map(|k| (k, r)))
-            .collect();
-        if keyed.is_empty() {
-            return None;
-        }
-        let col = |f: &dyn Fn(&(&TxKey, &TxResult)) -> String| {
-            Param::Texts(keyed.iter().map(|e| Some(f(e))).collect())
-        };
-        Some(Stmt {
-            sql: self.inner.tables.insert_sql(),
-            params: vec![
-                Param::Text(Some(scope.user_id.clone())),
-                Param::Text(Some(scope.client_id.clone())),
-                col(&|(k, _)| k.id.clone()),
-                col(&|(k, _)| k.fingerprint.clone()),
-                // Answers are made storable once, where they are made (`answer`).
-                col(&|(_, r)| serde_json::to_string(r).expect("results serialize")),
-            ],
-            ops: Vec::new(),
-            expect: Expect::Any,
-        })
+        Some(ledger_rows(req, entries)?.into_stmt(&self.inner.tables))
     }
 
     /// The fast path, in a group commit when the request is small.
@@ -688,7 +665,7 @@ impl Engine {
         let pipelined_lock = req
             .scope
             .filter(|_| !read_ledger)
-            .map(|s| pipelined_lock(s.lock_key));
+            .map(|s| pipelined_locks(vec![s.lock_key]));
         let (results, tally) = self
             .attempt(client, req.ctx, Mode::Fast, lookup, |decided| {
                 self.fast_plan(req, decided, pipelined_lock)
@@ -1290,14 +1267,72 @@ fn identity_sql(rls: &RlsConfig, ctx: &Context) -> Option<(String, Vec<String>)>
 }
 const LOCK: &str = "select pg_advisory_xact_lock($1)";
 
-/// The client's lock (see `Scope::lock_key`) as one more statement of the pipeline (the key
-/// travels as text, like every single value).
-fn pipelined_lock(lock_key: i64) -> Stmt<'static> {
+/// The locks of clients (see `Scope::lock_key`) as one more statement of the pipeline: one
+/// client's, or those of a group's members, taken in order.
+fn pipelined_locks(keys: Vec<i64>) -> Stmt<'static> {
     Stmt {
-        sql: "select pg_advisory_xact_lock($1::text::bigint)".to_owned(),
-        params: vec![Param::Text(Some(lock_key.to_string()))],
+        sql: "select pg_advisory_xact_lock(k) from unnest($1::bigint[]) as k".to_owned(),
+        params: vec![Param::Ints(keys.into_iter().map(Some).collect())],
         ops: Vec::new(),
         expect: Expect::Any,
+    }
+}
+
+/// Ledger entries of one user, to be written by one statement: a request's, or those of a
+/// group's members of one caller, whatever their clients.
+struct LedgerRows {
+    user_id: String,
+    client_ids: Vec<Option<String>>,
+    tx_ids: Vec<Option<String>>,
+    fingerprints: Vec<Option<String>>,
+    outcomes: Vec<Option<String>>,
+}
+
+/// The ledger entries of a request's decided transactions that have an id under a client id.
+fn ledger_rows(req: &Req<'_>, entries: &[(usize, TxResult)]) -> Option<LedgerRows> {
+    let scope = req.scope?;
+    let mut rows = LedgerRows {
+        user_id: scope.user_id.clone(),
+        client_ids: Vec::new(),
+        tx_ids: Vec::new(),
+        fingerprints: Vec::new(),
+        outcomes: Vec::new(),
+    };
+    for (i, result) in entries {
+        let Some(key) = &req.keys[*i] else { continue };
+        rows.client_ids.push(Some(scope.client_id.clone()));
+        rows.tx_ids.push(Some(key.id.clone()));
+        rows.fingerprints.push(Some(key.fingerprint.clone()));
+        // Answers are made storable once, where they are made (`answer`).
+        rows.outcomes
+            .push(Some(serde_json::to_string(result).expect("results serialize")));
+    }
+    (!rows.tx_ids.is_empty()).then_some(rows)
+}
+
+impl LedgerRows {
+    /// Adds another's entries; both are the same user's.
+    fn append(&mut self, other: LedgerRows) {
+        debug_assert_eq!(self.user_id, other.user_id);
+        self.client_ids.extend(other.client_ids);
+        self.tx_ids.extend(other.tx_ids);
+        self.fingerprints.extend(other.fingerprints);
+        self.outcomes.extend(other.outcomes);
+    }
+
+    fn into_stmt(self, tables: &Tables) -> Stmt<'static> {
+        Stmt {
+            sql: tables.insert_sql(),
+            params: vec![
+                Param::Text(Some(self.user_id)),
+                Param::Texts(self.client_ids),
+                Param::Texts(self.tx_ids),
+                Param::Texts(self.fingerprints),
+                Param::Texts(self.outcomes),
+            ],
+            ops: Vec::new(),
+            expect: Expect::Any,
+        }
     }
 }
 
