@@ -36,7 +36,8 @@ pub fn classify(sqlstate: &str) -> Disposition {
         // A value too big for what holds it: an index entry, an array of more than 6
         // dimensions. The data, not the moment, is at fault.
         "54000" => Reject("INVALID_DATA"),
-        "42P01" | "42703" | "42704" | "42804" | "428C9" => Schema,
+        // 42883: no operator for the types crudgate knew (a key column retyped under it).
+        "42P01" | "42703" | "42704" | "42804" | "42883" | "428C9" => Schema,
         s if s.starts_with("08") => Unavailable,
         s if s.starts_with("53") || s.starts_with("58") => Temporary,
         s if s.starts_with("23") => Reject("CONSTRAINT_VIOLATION"),

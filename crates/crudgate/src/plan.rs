@@ -563,7 +563,8 @@ fn is_noop(op: &RowOp, cfg: &EngineConfig) -> bool {
 /// turn, the first would fail). For a table whose rows commute
 /// (see `Table::rows_commute`), any run of operations on distinct rows of that table is
 /// regrouped by op and column set, which turns a randomly interleaved run into a handful of
-/// statements without changing the result.
+/// statements without changing the result. A PUT that takes a volatile default (a serial
+/// number) is not moved ahead of an earlier operation, so its rows keep the client's order.
 pub(crate) fn bulk<'a>(
     ops: impl Iterator<Item = (OpRef, &'a RowOp)>,
     cfg: &EngineConfig,
@@ -586,7 +587,8 @@ pub(crate) fn bulk<'a>(
         let same_table = window
             .first()
             .is_some_and(|g| Arc::ptr_eq(&g[0].1.access, &op.access));
-        let other_tx = last_tx.is_some_and(|tx| tx != at.tx) && !op.table.rows_commute;
+        let commutes = op.table.rows_commute && !draws_volatile_default(op);
+        let other_tx = last_tx.is_some_and(|tx| tx != at.tx) && !commutes;
         last_tx = Some(at.tx);
         if !same_table || other_tx || keys.contains(op.key.as_str()) || !canonical_key(&op.table) {
             flush(&mut window, &mut out);
@@ -601,12 +603,12 @@ pub(crate) fn bulk<'a>(
                 && (f.cols == op.cols
                     // PATCHes of other column sets merge into one masked UPDATE, where the
                     // rows commute (no trigger can tell a column set to itself).
-                    || (op.table.rows_commute
+                    || (commutes
                         && op.kind == OpKind::Patch
                         && !op.cols.is_empty()
                         && !f.cols.is_empty()))
         };
-        let slot = if op.table.rows_commute {
+        let slot = if commutes {
             window.iter_mut().find(|g| fits(g))
         } else {
             window.last_mut().filter(|g| fits(g))
@@ -618,6 +620,18 @@ pub(crate) fn bulk<'a>(
     }
     flush(&mut window, &mut out);
     out
+}
+
+/// Whether a PUT leaves out a column whose default depends on when the row is inserted: such
+/// PUTs must be inserted in the client's order (a serial number is the order of the rows).
+fn draws_volatile_default(op: &RowOp) -> bool {
+    op.kind == OpKind::Put
+        && op.table.columns.iter().enumerate().any(|(i, c)| {
+            c.volatile_default
+                && i != op.table.pk
+                && !op.cols.contains(&i)
+                && !op.db_cols.contains(&i)
+        })
 }
 
 /// Whether equal rows always have equal key text (as the planner's distinct-row check assumes).

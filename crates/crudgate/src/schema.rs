@@ -47,6 +47,9 @@ pub struct Column {
     /// Equal values have equal text: false under a nondeterministic collation, where "abc" and
     /// "ABC" can be one key.
     pub deterministic: bool,
+    /// A PUT that leaves this column out takes a value that depends on when its row is
+    /// inserted (a sequence, `clock_timestamp()`, any volatile default).
+    pub volatile_default: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,7 @@ impl Table {
                 kind: Kind::Text,
                 writable: true,
                 deterministic: true,
+                volatile_default: false,
             })
             .collect();
         Table {
@@ -253,6 +257,7 @@ impl Catalog {
                 kind,
                 writable: r.get("writable"),
                 deterministic: r.get("deterministic"),
+                volatile_default: r.get("volatile_default"),
             });
         }
 
@@ -334,23 +339,30 @@ pub fn quote_ident(name: &str) -> String {
 /// needs to know about each table. Domains are resolved to their base type for value checks;
 /// values are still cast to the domain so its constraints apply.
 const CATALOG_SQL: &str = r#"
-with recursive dom(oid, base) as (
-    select t.oid, t.oid from pg_type t where t.typtype <> 'd'
+with recursive dom(oid, base, modified) as (
+    select t.oid, t.oid, false from pg_type t where t.typtype <> 'd'
     union all
-    select d.oid, b.base from pg_type d join dom b on d.typbasetype = b.oid where d.typtype = 'd'
+    select d.oid, b.base, b.modified or d.typtypmod >= 0
+      from pg_type d join dom b on d.typbasetype = b.oid where d.typtype = 'd'
 )
 select n.nspname::text as nspname,
        c.relname::text as relname,
        a.attname::text as attname,
        -- Without a modifier, `character` and `bit` mean length 1, and an explicit cast to them
        -- truncates ('abc'::character is 'a'): cast to their unbounded forms, so that the
-       -- assignment checks the length.
-       case a.atttypid
-            when 'bpchar'::regtype then 'bpchar'
-            when '_bpchar'::regtype then 'bpchar[]'
-            when 'bit'::regtype then 'varbit'
-            when '_bit'::regtype then 'varbit[]'
-            else format_type(a.atttypid, null)
+       -- assignment checks the length. An explicit cast to a domain over a modified type
+       -- (`varchar(3)`) truncates too: cast to the unbounded base type instead, and the
+       -- assignment to the column applies the domain, its length check included.
+       case when dom.modified then
+                case bt.oid when 'bpchar'::regtype then 'bpchar'
+                            when 'bit'::regtype then 'varbit'
+                            else format_type(bt.oid, null) end
+            else case a.atttypid
+                      when 'bpchar'::regtype then 'bpchar'
+                      when '_bpchar'::regtype then 'bpchar[]'
+                      when 'bit'::regtype then 'varbit'
+                      when '_bit'::regtype then 'varbit[]'
+                      else format_type(a.atttypid, null) end
        end as type_sql,
        format_type(a.atttypid, null) as type_name,
        format_type(a.atttypid, a.atttypmod) as type_full,
@@ -363,6 +375,14 @@ select n.nspname::text as nspname,
        a.attgenerated = '' and a.attidentity <> 'a' as writable,
        coalesce((select co.collisdeterministic from pg_collation co where co.oid = a.attcollation),
                 true) as deterministic,
+       -- Identity columns, and defaults calling a volatile function (`nextval` of a serial
+       -- included), found in the default's stored expression tree.
+       a.attidentity <> '' or exists (
+           select 1 from pg_attrdef ad
+            cross join lateral regexp_matches(ad.adbin::text, ':funcid (\d+)', 'g') as f
+             join pg_proc p on p.oid = f[1]::oid
+            where ad.adrelid = c.oid and ad.adnum = a.attnum and a.attgenerated = ''
+              and p.provolatile = 'v') as volatile_default,
        (select array_agg(ka.attname::text)
           from pg_constraint k
           join pg_attribute ka on ka.attrelid = k.conrelid and ka.attnum = any(k.conkey)

@@ -602,3 +602,65 @@ async fn a_lone_surrogate_from_a_cut_emoji_is_stored_as_the_replacement_characte
     assert_success(&results(&answer)[0]);
     assert_eq!(read::<String>(&app, &id, "code::text").await, "a\u{FFFD}");
 }
+
+#[tokio::test]
+async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
+    let db = TestDb::new().await;
+    db.exec(
+        "create domain code3 as varchar(3) check (value <> 'zzz');
+         create domain code3_alias as code3;
+         create domain flags3 as bit(3);
+         create domain pad3 as char(3);
+         create table codes (id code3 primary key, label code3_alias, flags flags3, pad pad3);",
+    )
+    .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    assert_success(
+        &app.apply_tx(vec![put(
+            "codes",
+            "abc",
+            json!({"label": "xy", "flags": "101", "pad": "ab"}),
+        )])
+        .await,
+    );
+    // Cut to three letters, this id would name the row above and overwrite it.
+    let r = app
+        .apply_tx(vec![put("codes", "abcXYZ", json!({"label": "new"}))])
+        .await;
+    assert_fatal(&r, "INVALID_DATA", 0);
+    // Each column alone, on the one-row and the multi-row path.
+    for data in [
+        json!({"label": "long"}),
+        json!({"flags": "10101"}),
+        json!({"pad": "abcd"}),
+    ] {
+        let r = app.apply_tx(vec![put("codes", "k", data.clone())]).await;
+        assert_fatal(&r, "INVALID_DATA", 0);
+        let r = app
+            .apply_tx(vec![put("codes", "m", json!({})), put("codes", "n", data)])
+            .await;
+        assert_fatal(&r, "INVALID_DATA", 1);
+    }
+    // The domain's check still applies; a PATCH and a DELETE of a longer id touch nothing.
+    let r = app
+        .apply_tx(vec![put("codes", "zzz", json!({}))])
+        .await;
+    assert_fatal(&r, "CHECK_VIOLATION", 0);
+    assert_success(
+        &app.apply_tx(vec![
+            patch("codes", "abcXYZ", json!({"label": "new"})),
+            delete("codes", "abc-other"),
+        ])
+        .await,
+    );
+    let rows = app
+        .db
+        .query(
+            "select id::text || '|' || label::text || '|' || flags::text || '|' || pad::text from codes",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(rows, ["abc|xy|101|ab"]);
+}

@@ -1027,3 +1027,38 @@ async fn a_panic_while_applying_is_a_retryable_error_and_the_server_carries_on()
     );
     assert_eq!(count(&app.db, "lists").await, 1);
 }
+
+#[tokio::test]
+async fn a_key_column_retyped_after_crudgate_started_is_written_with_its_new_type() {
+    let db = TestDb::new().await;
+    db.exec("create table notes (id text primary key, body text)")
+        .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    let (a, b) = (new_id(), new_id());
+    assert_success(
+        &app.apply_tx(vec![
+            put("notes", a, json!({"body": "a"})),
+            put("notes", b, json!({"body": "b"})),
+        ])
+        .await,
+    );
+    // The migration makes `uuid = text` an unknown operator for the statements crudgate had
+    // planned (42883): the catalog is refreshed, not the client's writes dropped.
+    db.exec("alter table notes alter column id type uuid using id::uuid")
+        .await;
+    assert_success(
+        &app.apply_tx(vec![
+            patch("notes", a, json!({"body": "patched"})),
+            delete("notes", b),
+        ])
+        .await,
+    );
+    let rows = app
+        .db
+        .query("select id, body from notes", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, uuid::Uuid>(0), a);
+    assert_eq!(rows[0].get::<_, Option<String>>(1).as_deref(), Some("patched"));
+}

@@ -744,3 +744,47 @@ async fn a_transaction_is_not_accepted_for_a_row_only_a_later_transaction_writes
     assert_eq!(r[1], json!({ "status": "not_attempted" }));
     assert_eq!(count(&app.db, "nodes").await, 0);
 }
+
+#[tokio::test]
+async fn rows_numbered_by_a_serial_or_stamped_by_clock_timestamp_are_inserted_in_the_clients_order(
+) {
+    let (db, app) = app().await;
+    db.exec(
+        "create table messages (id text primary key, seq bigserial, body text, topic text,
+                                at timestamptz not null default clock_timestamp())",
+    )
+    .await;
+    // Interleaved column sets, within a transaction and across three transactions: a planner
+    // that regrouped these PUTs by column set would number `c` before `b`.
+    let m = |id: &str, topic: bool| {
+        let data = if topic {
+            json!({"body": id, "topic": "t"})
+        } else {
+            json!({"body": id})
+        };
+        put("messages", id, data)
+    };
+    let r = app
+        .apply(&batch(vec![
+            vec![m("a", false), m("b", true), m("c", false), m("d", true)],
+            vec![m("e", true)],
+            vec![m("f", false)],
+            vec![m("g", true)],
+        ]))
+        .await;
+    assert!(r.iter().all(|r| r["status"] == "success"), "{r:?}");
+    let rows = app
+        .db
+        .query("select id from messages order by seq", &[])
+        .await
+        .unwrap();
+    let by_seq: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(by_seq, ["a", "b", "c", "d", "e", "f", "g"]);
+    let rows = app
+        .db
+        .query("select id from messages order by at, seq", &[])
+        .await
+        .unwrap();
+    let by_time: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(by_time, by_seq);
+}
