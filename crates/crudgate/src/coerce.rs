@@ -207,7 +207,9 @@ fn json(v: &Value) -> Result<String, Mismatch> {
                     return Ok(twice.to_string());
                 }
             }
-            Ok(parsed.to_string())
+            // The client's own text: a `json` column keeps it exactly (key order, duplicate
+            // keys, number spelling); `jsonb` normalises it either way.
+            Ok(s.clone())
         }
         other => Ok(other.to_string()),
     }

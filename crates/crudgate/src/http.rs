@@ -284,7 +284,12 @@ pub(crate) async fn apply(
     }
     if outcome.unavailable {
         return Err(ApiError::unavailable(
-            "database unavailable; nothing was applied",
+            if outcome.maybe_applied {
+                "database connection lost while committing; the outcome is unknown: a resend \
+                 with the same client id and transaction ids is answered with it"
+            } else {
+                "database unavailable; nothing was applied"
+            },
             state.engine.config().retry_after_ms,
         ));
     }

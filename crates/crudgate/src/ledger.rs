@@ -191,10 +191,8 @@ pub(crate) struct Scope {
 
 impl Scope {
     pub fn of(ctx: &Context) -> Option<Scope> {
-        let client_id = bounded(storable(
-            ctx.client_id.as_deref().filter(|c| !c.is_empty())?,
-        ));
-        let user_id = bounded(storable(ctx.user_id.as_deref().unwrap_or_default()));
+        let client_id = bounded(ctx.client_id.as_deref().filter(|c| !c.is_empty())?);
+        let user_id = bounded(ctx.user_id.as_deref().unwrap_or_default());
         let mut h = Sha256::new();
         h.update(user_id.as_bytes());
         h.update([0]);
@@ -219,7 +217,10 @@ pub(crate) struct TxKey {
 impl TxKey {
     /// None when the transaction has no id: it cannot be deduplicated.
     pub fn of(tx: &Transaction) -> Option<TxKey> {
-        let id = bounded(tx_id(tx)?);
+        let id = match tx.transaction_id.as_ref().filter(|v| !v.is_null())? {
+            Value::String(s) => bounded(s),
+            other => bounded(&other.to_string()),
+        };
         let content = serde_json::to_vec(&tx.crud).expect("operations serialize");
         Some(TxKey {
             id,
@@ -228,14 +229,20 @@ impl TxKey {
     }
 }
 
-/// A part of a ledger key: as sent when short, else its SHA-256. A btree key holds about
-/// 2.7 kB, and a long client or transaction id must still be remembered rather than fail
-/// every time (which would block the client's queue).
-fn bounded(s: String) -> String {
-    if s.len() <= 256 {
-        return s;
+const HASHED: &str = "sha256:";
+
+/// A part of a ledger key: as sent when that is short and storable, else its SHA-256, so that
+/// two different ids never share a key.
+/// - A btree key holds about 2.7 kB, and a long client or transaction id must still be
+///   remembered rather than fail every time (which would block the client's queue).
+/// - Postgres text cannot hold NUL; stored as U+FFFD, "a\0b" would be "a\u{FFFD}b".
+/// - An id that looks like a hashed one ("sha256:<hash of a long id>", a user's `sub` say)
+///   would be another's.
+fn bounded(s: &str) -> String {
+    if s.len() <= 256 && !s.starts_with(HASHED) && !s.contains(['\0', '\u{FFFD}']) {
+        return s.to_owned();
     }
-    format!("sha256:{}", hex::encode(Sha256::digest(s.as_bytes())))
+    format!("{HASHED}{}", hex::encode(Sha256::digest(s.as_bytes())))
 }
 
 /// A client transaction's id as text: a string as is (no JSON quotes), a number as written.

@@ -548,9 +548,14 @@ pub(crate) fn one_per_op<'a>(tx: usize, ops: &'a [RowOp], cfg: &EngineConfig) ->
         .collect()
 }
 
-/// An empty PATCH when missing rows are no error: nothing to check, nothing to change.
+/// An empty PATCH when missing rows are no error and nobody's ownership is to be checked:
+/// nothing to check, nothing to change. (A PATCH of only the owner column is empty once the
+/// server-set column is dropped; of another user's row, it is still refused.)
 fn is_noop(op: &RowOp, cfg: &EngineConfig) -> bool {
-    op.kind == OpKind::Patch && op.cols.is_empty() && cfg.patch_missing == PatchMissing::Ignore
+    op.kind == OpKind::Patch
+        && op.cols.is_empty()
+        && op.owner.is_none()
+        && cfg.patch_missing == PatchMissing::Ignore
 }
 
 /// Groups the operations of several transactions into bulk statements. Only valid when all of
@@ -668,7 +673,7 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
     let (key_param, key_elem) = column_array(&pk.kind, keys, typed);
     let mut out = Vec::with_capacity(2);
     let owner = first.owner.as_ref().map(|(c, id)| (&t.columns[*c], id));
-    if let (Some((col, id)), false) = (owner, empty_patch) {
+    if let Some((col, id)) = owner {
         out.push(Stmt {
             sql: format!(
                 "select 1 / (count(*) = 0)::int from {} where {} = any($1::{key_elem}[]::{}[]) \
@@ -773,8 +778,12 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
                 }
             }
         }
+        OpKind::Patch if empty_patch && cfg.patch_missing == PatchMissing::Ignore => {
+            // Reached only for an owner's check, which is the guard above.
+            return out;
+        }
         OpKind::Patch if empty_patch => {
-            // Only reached when missing rows are rejected: count the rows that exist.
+            // Missing rows are rejected: count the rows that exist.
             let _ = write!(
                 sql,
                 "select 1 from {} where {} = any($1::{}[]::{}[])",

@@ -1274,3 +1274,38 @@ fn the_config_deserializes_with_documented_defaults_and_refuses_unknown_keys() {
     assert_eq!(none.mode, AuthMode::None);
     assert!(serde_json::from_value::<AuthConfig>(json!({"audience": AUD})).is_err());
 }
+
+#[tokio::test]
+async fn a_rotated_kid_while_the_jwks_is_down_is_unavailable_even_beside_a_key_without_kid() {
+    let published = TestKey::rsa_a();
+    let rotated = TestKey::rsa_b();
+    let secret = [7u8; 32];
+    let server = JwksServer::start(vec![published.jwk("rsa-1")]).await;
+    let cfg = AuthConfig {
+        hs256_secret: Some(b64(&secret)),
+        jwks_min_refetch_secs: 0,
+        ..config_for_url(&server.url)
+    };
+    let auth = Authenticator::new(&cfg).expect("config");
+    auth.authenticate(Some(&bearer(&published.token(Some("rsa-1"), &claims()))))
+        .await
+        .expect("published key");
+    server.set(Behaviour::Status(503));
+    // The issuer rotated to a key the endpoint would publish if it were up. The secret (a key
+    // without kid) refuses the token, but that says nothing about the rotated key: a 401
+    // would log the user out.
+    let token = rotated.token(Some("rsa-2"), &claims());
+    assert!(matches!(
+        auth.authenticate(Some(&bearer(&token))).await,
+        Err(AuthError::Unavailable(_))
+    ));
+    // The secret still serves its own tokens, kid or not, while the endpoint is down.
+    auth.authenticate(Some(&bearer(&hs256_token(&secret, Some("hs"), &claims()))))
+        .await
+        .expect("hs256 with a kid");
+    // Back up, the rotated key is found.
+    server.serve_keys(vec![published.jwk("rsa-1"), rotated.jwk("rsa-2")]);
+    auth.authenticate(Some(&bearer(&token)))
+        .await
+        .expect("rotated key");
+}

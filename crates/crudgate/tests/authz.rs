@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crudgate::config::{RlsConfig, SetValue, TableRule};
+use crudgate::config::{PatchMissing, RlsConfig, SetValue, TableRule};
 use crudgate::protocol::{Batch, OpKind, TxResult};
 use crudgate::{Context, Engine, EngineConfig};
 use serde_json::{json, Value};
@@ -1203,4 +1203,71 @@ async fn a_replayed_rejection_runs_with_the_claims_of_its_original_token() {
         .expect("replayed row")
         .get(0);
     assert_eq!(org, "org-7", "the nested claim came from the stored claims");
+}
+
+#[tokio::test]
+async fn a_patch_of_only_the_owner_column_of_another_user_s_row_is_unauthorized() {
+    for patch_missing in [PatchMissing::Ignore, PatchMissing::Reject] {
+        let db = fresh_db(SCHEMA).await;
+        let cfg = EngineConfig {
+            patch_missing,
+            ..config(vec![("lists", owned_lists())])
+        };
+        let engine = engine(&db, cfg).await;
+        alice_owns_list_1(&engine).await;
+        // The owner column is server-set, so this PATCH is empty once it is dropped: it must
+        // not look like a success to bob's client.
+        let r = apply(
+            &engine,
+            user(B),
+            vec![patch("lists", LIST_1, json!({ "owner_id": B }))],
+        )
+        .await;
+        assert_fatal(&r, "UNAUTHORIZED", 0);
+        let r = apply(
+            &engine,
+            user(A),
+            vec![patch("lists", LIST_1, json!({ "owner_id": B }))],
+        )
+        .await;
+        assert_eq!(r, TxResult::Success, "{patch_missing:?}");
+        assert_eq!(
+            list(&db, LIST_1).await,
+            Some(("alice's".into(), Some(A.into())))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_sub_spelled_like_the_hash_of_a_long_sub_does_not_share_its_ledger() {
+    use sha2::Digest as _;
+    let db = fresh_db(SCHEMA).await;
+    let engine = engine(&db, config(vec![("lists", rule())])).await;
+    // The ledger keeps ids longer than 256 bytes as "sha256:<hex>".
+    let victim = "v".repeat(300);
+    let forged = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&victim)));
+    let as_client = |sub: &str| Context {
+        client_id: Some("c1".into()),
+        ..user(sub)
+    };
+    let r = apply(
+        &engine,
+        as_client(&forged),
+        vec![put("lists", LIST_1, json!({ "name": "planted" }))],
+    )
+    .await;
+    assert_eq!(r, TxResult::Success);
+    // The victim's own transaction 1 of client c1, with other content: applied, not
+    // IDEMPOTENCY_CONFLICT with the other user's entry.
+    let r = apply(
+        &engine,
+        as_client(&victim),
+        vec![put("lists", LIST_2, json!({ "name": "victim's" }))],
+    )
+    .await;
+    assert_eq!(r, TxResult::Success);
+    assert_eq!(
+        list(&db, LIST_2).await.map(|l| l.0).as_deref(),
+        Some("victim's")
+    );
 }

@@ -28,7 +28,8 @@ const KINDS: &str = "
         ref uuid,
         code char(3),
         codes char(3)[],
-        bits bit(3)
+        bits bit(3),
+        note json
     );";
 
 async fn kinds_app() -> (TestDb, TestApp) {
@@ -137,6 +138,15 @@ async fn jsonb_from_json_text_is_stored_as_an_object() {
         "object"
     );
     assert_eq!(read::<Value>(&app, &id, "doc").await, json!({"a": 1}));
+}
+
+#[tokio::test]
+async fn a_json_column_keeps_the_clients_text_exactly() {
+    let (_db, app) = kinds_app().await;
+    // `json`, unlike `jsonb`, keeps key order, duplicate keys and number spelling.
+    let text = r#"{"z": 1, "a": {"y": 2, "b": 3}, "z": 1e400}"#;
+    let id = put_ok(&app, json!({ "note": text })).await;
+    assert_eq!(read::<String>(&app, &id, "note::text").await, text);
 }
 
 #[tokio::test]
@@ -642,9 +652,7 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
         assert_fatal(&r, "INVALID_DATA", 1);
     }
     // The domain's check still applies; a PATCH and a DELETE of a longer id touch nothing.
-    let r = app
-        .apply_tx(vec![put("codes", "zzz", json!({}))])
-        .await;
+    let r = app.apply_tx(vec![put("codes", "zzz", json!({}))]).await;
     assert_fatal(&r, "CHECK_VIOLATION", 0);
     assert_success(
         &app.apply_tx(vec![

@@ -1060,5 +1060,8 @@ async fn a_key_column_retyped_after_crudgate_started_is_written_with_its_new_typ
         .unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].get::<_, uuid::Uuid>(0), a);
-    assert_eq!(rows[0].get::<_, Option<String>>(1).as_deref(), Some("patched"));
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(1).as_deref(),
+        Some("patched")
+    );
 }

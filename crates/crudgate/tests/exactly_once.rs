@@ -707,3 +707,33 @@ async fn client_and_transaction_ids_of_any_length_deduplicate() {
     }
     assert_eq!(writes_of(&app.db, todo).await, 1);
 }
+
+#[tokio::test]
+async fn ids_that_would_be_stored_alike_keep_separate_ledger_entries() {
+    // NUL is stored as U+FFFD, and long ids as "sha256:<hex>": ids that differ only so must
+    // still be different clients (else one client's transaction 1 would be answered with the
+    // other's, or refused as IDEMPOTENCY_CONFLICT, and never applied).
+    use sha2::Digest as _;
+    let (_db, app, list, _) = counting_app().await;
+    let long = "L".repeat(300);
+    let pairs = [
+        ("nul\u{0}cid".to_owned(), "nul\u{FFFD}cid".to_owned()),
+        (
+            long.clone(),
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&long))),
+        ),
+    ];
+    for (first, second) in pairs {
+        let todos = [new_id(), new_id()];
+        for (client, todo) in [&first, &second].into_iter().zip(todos) {
+            let body = json!({
+                "client_id": client,
+                "transactions": [{"transaction_id": 1, "crud": [put_milk(todo, list)]}],
+            });
+            assert_success(&app.apply(&body).await[0]);
+        }
+        for todo in todos {
+            assert_eq!(writes_of(&app.db, todo).await, 1);
+        }
+    }
+}

@@ -246,3 +246,59 @@ async fn a_shutdown_finishes_the_batch_of_a_client_that_hung_up_before_it_return
         "finished before serve returned"
     );
 }
+
+#[tokio::test]
+async fn a_request_that_finds_every_connection_busy_is_503_after_one_wait_and_the_pool_is_kept() {
+    let db = TestDb::new().await;
+    let app = spawn_app(
+        &db.url,
+        EngineConfig {
+            pool_size: 1,
+            connect_timeout_ms: 800,
+            ..Default::default()
+        },
+    )
+    .await;
+    let locked = seed_list(&app.db).await;
+    let other = db.client().await;
+    other.batch_execute("begin").await.unwrap();
+    other
+        .execute("select 1 from lists where id = $1 for update", &[&locked])
+        .await
+        .unwrap();
+    // The only connection waits for the row.
+    let holder = {
+        let (base, body) = (
+            app.base.clone(),
+            batch(vec![vec![patch("lists", locked, json!({"name": "x"}))]]),
+        );
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{base}/api/data"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = app
+        .post(&batch(vec![vec![put(
+            "lists",
+            new_id(),
+            json!({"name": "y"}),
+        )]]))
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    // One wait for a free connection (plus the wait for a group), not a second one after
+    // throwing the busy connection's siblings away: a busy pool is not a dead database.
+    assert!(
+        waited < std::time::Duration::from_millis(1_300),
+        "answered after {waited:?}"
+    );
+    other.batch_execute("rollback").await.unwrap();
+    assert_eq!(holder.await.unwrap(), 200);
+}

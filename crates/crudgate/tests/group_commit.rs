@@ -222,6 +222,56 @@ async fn a_request_waiting_for_a_row_lock_does_not_hold_up_the_others() {
 }
 
 #[tokio::test]
+async fn a_slow_member_holds_up_its_group_for_half_a_second_at_most() {
+    let (db, _) = setup().await;
+    db.exec(
+        "create table slow (id uuid primary key, secs float8);
+         create function sleep_a_while() returns trigger language plpgsql as $$
+         begin perform pg_sleep(new.secs); return new; end $$;
+         create trigger sleep_a_while before insert on slow
+             for each row execute function sleep_a_while();",
+    )
+    .await;
+    let engine = engine(&db).await;
+    // While the lane is busy, a slow request and four quick ones queue up: one group.
+    let (holder, stuck) = occupy_lane(&db, &engine, None).await;
+    let slow_id = new_id();
+    let mut requests = vec![(
+        None,
+        one_tx(vec![put("slow", slow_id, json!({ "secs": 3 }))]),
+    )];
+    requests.extend((0..4).map(|_| (None, one_tx(vec![note(new_id(), 1)]))));
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, (user, b))| {
+            let (engine, ctx) = (engine.clone(), ctx(user, &format!("client-{i}")));
+            tokio::spawn(async move {
+                let r = engine.apply(ctx, b).await.results;
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("request task"));
+    }
+    for (r, _) in &answers {
+        assert_success(&json_of(&r[0]));
+    }
+    let quick = answers[1..].iter().map(|(_, took)| *took).max().unwrap();
+    assert!(
+        quick < Duration::from_millis(2_000),
+        "the quick requests waited {quick:?} for the slow one's 3 s"
+    );
+    assert!(answers[0].1 >= Duration::from_secs(3));
+    assert_eq!(scalar(&db, "select count(*) from slow").await, 1);
+    assert_eq!(scalar(&db, "select count(*) from notes").await, 4);
+    assert_success(&json_of(&release(holder, stuck).await[0]));
+}
+
+#[tokio::test]
 async fn a_bad_request_in_a_group_is_rejected_alone_and_the_others_commit() {
     let (db, engine) = setup().await;
     let (holder, stuck) = occupy_lane(&db, &engine, None).await;
@@ -461,6 +511,7 @@ async fn a_commit_lost_in_the_lane_is_not_applied_again_for_a_transaction_withou
         "the COMMIT went through the proxy"
     );
     assert!(out.unavailable, "answered 503: it may have been committed");
+    assert!(out.maybe_applied, "and the answer says so");
     assert_eq!(
         writes_of(&db, id).await,
         1,

@@ -746,8 +746,8 @@ async fn a_transaction_is_not_accepted_for_a_row_only_a_later_transaction_writes
 }
 
 #[tokio::test]
-async fn rows_numbered_by_a_serial_or_stamped_by_clock_timestamp_are_inserted_in_the_clients_order(
-) {
+async fn rows_numbered_by_a_serial_or_stamped_by_clock_timestamp_are_inserted_in_the_clients_order()
+{
     let (db, app) = app().await;
     db.exec(
         "create table messages (id text primary key, seq bigserial, body text, topic text,

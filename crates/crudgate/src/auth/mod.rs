@@ -347,6 +347,24 @@ impl Authenticator {
             let wildcards_ok = inner.remote.is_none() || refreshed;
             let candidates = select_keys(&inner.static_keys, remote_keys, kid, wildcards_ok);
             if !candidates.is_empty() {
+                // Keys without a kid standing in for a kid nobody could look up (the JWKS
+                // fetch failed or was not allowed yet): if they refuse the token, it may still
+                // be signed by a rotated key, so that is temporary, never a 401.
+                let unsure = kid.is_some()
+                    && candidates.iter().all(|k| k.kid().is_none())
+                    && (not_asked || snap.as_ref().is_some_and(|s| s.last_error.is_some()));
+                let refuse = |reason: String| {
+                    if unsure {
+                        let why = snap
+                            .as_ref()
+                            .and_then(|s| s.last_error.clone())
+                            .unwrap_or_else(|| "the key set cannot be fetched again yet".into());
+                        tracing::warn!(kid, alg = parsed.alg.name(), reason = %why, "no key for the kid");
+                        AuthError::Unavailable(format!("cannot verify the token now: {why}"))
+                    } else {
+                        unauthorized(reason)
+                    }
+                };
                 let usable: Vec<&Key> = candidates
                     .into_iter()
                     .filter(|k| k.allows(parsed.alg))
@@ -357,7 +375,7 @@ impl Authenticator {
                         alg = parsed.alg.name(),
                         "algorithm not allowed for key"
                     );
-                    return Err(unauthorized(format!(
+                    return Err(refuse(format!(
                         "token algorithm {} is not allowed for its key",
                         parsed.alg.name()
                     )));
@@ -367,7 +385,7 @@ impl Authenticator {
                     .any(|k| k.verify(parsed.alg, parsed.signing_input, &parsed.signature));
                 if !valid {
                     tracing::info!(kid, alg = parsed.alg.name(), "bad signature");
-                    return Err(unauthorized("token signature is invalid"));
+                    return Err(refuse("token signature is invalid".into()));
                 }
                 break;
             }

@@ -15,7 +15,9 @@
 //! a lock held too long, a deadlock, a resent transaction) undoes the group, and every member is
 //! then applied on its own, as if it had never waited. Grouping changes when requests commit,
 //! never what they answer. So that no request holds up others:
-//! - whatever runs in the lane waits at most 20 ms for any lock (`LANE_BEGIN`), then falls back;
+//! - whatever runs in the lane waits at most 20 ms for any lock and runs no statement for
+//!   more than 500 ms (`LANE_BEGIN`), then falls back: a slow trigger of one member holds the
+//!   others up that long at most, not for the statement timeout;
 //! - a request waits at most `QUEUE_WAIT` for a group, then goes alone;
 //! - the members of a group have distinct clients, so a client's requests keep their order.
 //!
@@ -58,8 +60,10 @@ const MAX_OPS: usize = 32;
 const QUEUE_WAIT: Duration = Duration::from_millis(100);
 /// The longest a lane waits for a group to gather (see `Lanes::gather`).
 const GATHER: Duration = Duration::from_millis(1);
-/// Starts a transaction in a lane: a lock held elsewhere makes it fail fast, not stall the lane.
-pub(super) const LANE_BEGIN: &str = "begin; set local lock_timeout = '20ms'";
+/// Starts a transaction in a lane: a lock held elsewhere or a slow statement makes it fail
+/// fast, not stall the lane.
+pub(super) const LANE_BEGIN: &str =
+    "begin; set local lock_timeout = '20ms'; set local statement_timeout = '500ms'";
 
 /// The lane(s) and the requests waiting for one. Shared by the engine's clones.
 #[derive(Default)]
@@ -108,13 +112,13 @@ struct Planned {
 
 struct Waiting {
     id: u64,
-    member: Member,
+    member: Box<Member>,
     turn: oneshot::Sender<Turn>,
 }
 
 enum Turn {
     /// A lane is yours: lead the next group.
-    Lead(Lane, Member),
+    Lead(Lane, Box<Member>),
     /// Your group is over.
     Done(Verdict),
 }
@@ -174,7 +178,11 @@ impl Lanes {
         state.next_id += 1;
         let id = state.next_id;
         let (turn, rx) = oneshot::channel();
-        state.queue.push_back(Waiting { id, member, turn });
+        state.queue.push_back(Waiting {
+            id,
+            member: Box::new(member),
+            turn,
+        });
         self.arrived.notify_waiters();
         Queued::Waiting(id, rx)
     }
@@ -284,7 +292,7 @@ impl Engine {
         match turn {
             Ok(Turn::Lead(lane, member)) => {
                 self.inner.lanes.gather().await;
-                self.lead(req, lane, Some((member, planned))).await
+                self.lead(req, lane, Some((*member, planned))).await
             }
             Ok(Turn::Done(verdict)) => self.answer_verdict(req, verdict, planned),
             // The leader's task failed; what became of the group is unknown.
@@ -304,7 +312,7 @@ impl Engine {
         members.push(member);
         let mut turns = Vec::with_capacity(others.len());
         for w in others {
-            members.push(w.member);
+            members.push(*w.member);
             turns.push(w.turn);
         }
         let tails = members.iter_mut().map(|m| std::mem::take(&mut m.tail));
@@ -316,7 +324,9 @@ impl Engine {
         }
         drop(lane);
         match (verdict, failure) {
-            (Verdict::Undone, Some(f)) if size == 1 && !f.lock_timeout() => Laned::Alone(Some(f)),
+            (Verdict::Undone, Some(f)) if size == 1 && !f.cut_short_by_lane() => {
+                Laned::Alone(Some(f))
+            }
             _ => self.answer_verdict(req, verdict, planned),
         }
     }
@@ -437,7 +447,7 @@ impl Engine {
             Verdict::Lost if req.scope.is_some() && req.keys.iter().all(Option::is_some) => {
                 Laned::Alone(None)
             }
-            Verdict::Lost => Laned::Answered(Err(Failure::no_connection())),
+            Verdict::Lost => Laned::Answered(Err(Failure::commit_lost())),
         }
     }
 }

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Client, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, TimeoutType,
+};
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use rand::Rng;
@@ -53,11 +55,15 @@ pub enum StartError {
 }
 
 /// What became of a request: one result per client transaction, and whether the database was
-/// unavailable before anything was applied (the HTTP layer answers 503 then).
+/// unavailable before anything was known to be applied (the HTTP layer answers 503 then).
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub results: Vec<TxResult>,
     pub unavailable: bool,
+    /// With `unavailable`: the connection was lost after COMMIT was sent, so the transactions
+    /// may have been applied. A resend with a client id and transaction ids is answered from
+    /// the ledger; without them it may apply them again.
+    pub maybe_applied: bool,
 }
 
 /// The write engine: a connection pool, the catalog and the policies. Cheap to clone.
@@ -450,12 +456,11 @@ impl Engine {
                     return Outcome {
                         results,
                         unavailable: false,
+                        maybe_applied: false,
                     }
                 }
                 Err(f) => match f.disposition() {
-                    Disposition::Unavailable => {
-                        return retry_first(txs.len(), cfg, "database unavailable", true)
-                    }
+                    Disposition::Unavailable => return unavailable(txs.len(), cfg, &f),
                     // Transactions rejected before the failing one must still be answered (and
                     // recorded): the exact path does that, then meets the failure again.
                     Disposition::Temporary | Disposition::RetryHere
@@ -759,7 +764,7 @@ impl Engine {
                 Ok(r) => r,
                 Err(f) => match f.disposition() {
                     Disposition::Unavailable if !committed_any => {
-                        return retry_first(req.txs.len(), cfg, "database unavailable", true);
+                        return unavailable(req.txs.len(), cfg, &f);
                     }
                     Disposition::Reject(code) if f.op_failed() => {
                         let r = self.rejection(code, &f, req, i).await;
@@ -795,6 +800,7 @@ impl Engine {
         Outcome {
             results,
             unavailable: false,
+            maybe_applied: false,
         }
     }
 
@@ -864,7 +870,10 @@ impl Engine {
     async fn connection(&self) -> Result<Client, Failure> {
         self.inner.pool.get().await.map_err(|e| {
             tracing::warn!(error = %e, "no database connection");
-            Failure::no_connection()
+            match e {
+                PoolError::Timeout(TimeoutType::Wait) => Failure::pool_busy(),
+                _ => Failure::no_connection(),
+            }
         })
     }
 
@@ -909,7 +918,9 @@ impl Engine {
                 }
                 // A pooled connection may have died with a restarted server: one more try on a
                 // fresh connection, but only when COMMIT cannot have been processed.
-                Disposition::Unavailable if !reconnected && !f.commit_maybe_sent => {
+                Disposition::Unavailable
+                    if !reconnected && !f.commit_maybe_sent && !f.pool_busy =>
+                {
                     reconnected = true;
                     self.inner.pool.retain(|_, _| false);
                 }
@@ -1304,8 +1315,9 @@ fn ledger_rows(req: &Req<'_>, entries: &[(usize, TxResult)]) -> Option<LedgerRow
         rows.tx_ids.push(Some(key.id.clone()));
         rows.fingerprints.push(Some(key.fingerprint.clone()));
         // Answers are made storable once, where they are made (`answer`).
-        rows.outcomes
-            .push(Some(serde_json::to_string(result).expect("results serialize")));
+        rows.outcomes.push(Some(
+            serde_json::to_string(result).expect("results serialize"),
+        ));
     }
     (!rows.tx_ids.is_empty()).then_some(rows)
 }
@@ -1498,10 +1510,7 @@ async fn run(
                     if matches!(stmts[s].expect, Expect::Rows(want) if rows < want) {
                         failure = Some(Failure {
                             op: stmts[s].ops.first().copied(),
-                            bookkeeping: false,
-                            guard: false,
-                            error: None,
-                            commit_maybe_sent: false,
+                            ..Failure::no_connection()
                         });
                         break;
                     }
@@ -1536,6 +1545,9 @@ struct Failure {
     error: Option<tokio_postgres::Error>,
     /// COMMIT was sent, so the transaction may have been committed.
     commit_maybe_sent: bool,
+    /// Every pooled connection was busy for `connect_timeout_ms`: the database is fine, so
+    /// neither the pool is emptied nor the wait repeated.
+    pool_busy: bool,
 }
 
 impl Failure {
@@ -1546,6 +1558,22 @@ impl Failure {
             guard: false,
             error: None,
             commit_maybe_sent: false,
+            pool_busy: false,
+        }
+    }
+
+    fn pool_busy() -> Self {
+        Failure {
+            pool_busy: true,
+            ..Failure::no_connection()
+        }
+    }
+
+    /// A group's connection was lost with its COMMIT sent.
+    fn commit_lost() -> Self {
+        Failure {
+            commit_maybe_sent: true,
+            ..Failure::no_connection()
         }
     }
 
@@ -1565,6 +1593,7 @@ impl Failure {
             guard,
             error: Some(e),
             commit_maybe_sent,
+            pool_busy: false,
         }
     }
 
@@ -1576,9 +1605,11 @@ impl Failure {
             && matches!(self.disposition(), Disposition::Reject(_))
     }
 
-    /// A lock was not granted within the lock timeout (a lane's, see `group`).
-    fn lock_timeout(&self) -> bool {
-        self.db_error().is_some_and(|d| d.code().code() == "55P03")
+    /// A lane's lock or statement timeout ended the attempt (see `group::LANE_BEGIN`): it
+    /// says nothing about the request, which is then applied alone as if for the first time.
+    fn cut_short_by_lane(&self) -> bool {
+        self.db_error()
+            .is_some_and(|d| matches!(d.code().code(), "55P03" | "57014"))
     }
 
     /// The ledger already holds one of the attempt's transaction ids (its insert, the only
@@ -1646,6 +1677,19 @@ fn retry_first(n: usize, cfg: &EngineConfig, message: &str, unavailable: bool) -
     Outcome {
         results,
         unavailable,
+        maybe_applied: false,
+    }
+}
+
+/// The database went away before anything was known to be applied.
+fn unavailable(n: usize, cfg: &EngineConfig, f: &Failure) -> Outcome {
+    if f.commit_maybe_sent {
+        Outcome {
+            maybe_applied: true,
+            ..retry_first(n, cfg, "database connection lost while committing", true)
+        }
+    } else {
+        retry_first(n, cfg, "database unavailable", true)
     }
 }
 
