@@ -551,18 +551,6 @@ async fn a_serialization_failure_that_persists_is_a_retryable_error() {
     assert_eq!(count(&app.db, "lists").await, 0);
 }
 
-/// Holds a row lock on `list` from another session until the returned client is told to
-/// roll back.
-async fn lock_row(db: &TestDb, list: uuid::Uuid) -> tokio_postgres::Client {
-    let locker = db.client().await;
-    locker.batch_execute("begin").await.unwrap();
-    locker
-        .execute("select 1 from lists where id = $1 for update", &[&list])
-        .await
-        .unwrap();
-    locker
-}
-
 #[tokio::test]
 async fn a_lock_timeout_is_a_retryable_error() {
     let db = TestDb::new().await;

@@ -153,12 +153,7 @@ async fn a_client_that_goes_away_midway_has_its_transaction_finished_whole_not_b
     )
     .await;
     let locked = seed_list(&app.db).await;
-    let other = db.client().await;
-    other.batch_execute("begin").await.unwrap();
-    other
-        .execute("select 1 from lists where id = $1 for update", &[&locked])
-        .await
-        .unwrap();
+    let other = lock_row(&db, locked).await;
     let first = new_id();
     let third = new_id();
     let body = batch(vec![vec![
@@ -260,12 +255,7 @@ async fn a_request_that_finds_every_connection_busy_is_503_after_one_wait_and_th
     )
     .await;
     let locked = seed_list(&app.db).await;
-    let other = db.client().await;
-    other.batch_execute("begin").await.unwrap();
-    other
-        .execute("select 1 from lists where id = $1 for update", &[&locked])
-        .await
-        .unwrap();
+    let other = lock_row(&db, locked).await;
     // The only connection waits for the row.
     let holder = {
         let (base, body) = (

@@ -442,3 +442,15 @@ pub async fn count(db: &Client, table: &str) -> i64 {
         .expect("count")
         .get(0)
 }
+
+/// Holds a row lock on list `list` from another session until the returned client is told to
+/// roll back.
+pub async fn lock_row(db: &TestDb, list: uuid::Uuid) -> Client {
+    let locker = db.client().await;
+    locker.batch_execute("begin").await.unwrap();
+    locker
+        .execute("select 1 from lists where id = $1 for update", &[&list])
+        .await
+        .unwrap();
+    locker
+}
