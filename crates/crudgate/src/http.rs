@@ -401,10 +401,15 @@ pub(crate) async fn read_body(
             }
         }
     }
-    let bytes = match parts.len() {
+    let mut bytes = match parts.len() {
         1 => parts.pop().expect("one part"),
         _ => Bytes::from(parts.concat()),
     };
+    // A UTF-8 byte-order mark (some .NET and Windows writers emit one) is not JSON; refused,
+    // the upload would be resent for ever.
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes = bytes.slice(3..);
+    }
     Ok(ReadBody {
         bytes,
         budget: Budget {

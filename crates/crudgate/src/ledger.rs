@@ -168,6 +168,27 @@ impl Tables {
         )
     }
 
+    /// `reject_sql` unless the same rejection of the same transaction content is recorded
+    /// already: an IDEMPOTENCY_CONFLICT is answered again on every resend, and a replay of
+    /// each copy would apply its content as many times.
+    pub fn reject_once_sql(&self) -> String {
+        format!(
+            "insert into {r} (user_id, client_id, transaction_id, operation_index, table_name, row_id,
+                              op, data, previous_values, metadata, error_code, message, details, transaction,
+                              claims)
+             select $1::text, $2::text, $3::text, $4::text::int, $5::text, $6::text, $7::text,
+                    $8::text::jsonb, $9::text::jsonb, $10::text, $11::text, $12::text,
+                    $13::text::jsonb, $14::text::jsonb, $15::text::jsonb
+              where not exists (
+                    select 1 from {r}
+                     where user_id is not distinct from $1::text
+                       and client_id is not distinct from $2::text
+                       and transaction_id is not distinct from $3::text
+                       and error_code = $11::text and transaction = $14::text::jsonb)",
+            r = self.rejections
+        )
+    }
+
     pub fn reject_sql(&self) -> String {
         format!(
             "insert into {} (user_id, client_id, transaction_id, operation_index, table_name, row_id,

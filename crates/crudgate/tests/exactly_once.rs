@@ -487,8 +487,17 @@ async fn the_same_transaction_id_with_other_content_is_an_idempotency_conflict()
         1,
         "the conflicting content is not applied"
     );
+    // Resent (the answer was lost, say), the conflict is answered again and recorded once, so
+    // that a replay of the dead letters cannot apply it twice; other content is recorded too.
+    assert_fatal(&app.apply(&other).await[0], "IDEMPOTENCY_CONFLICT", 0);
+    assert_eq!(rejection_rows(&app.db).await.len(), 1);
+    let third = with_client(
+        "client-c",
+        batch(vec![vec![put("lists", new_id(), json!({"name": "three"}))]]),
+    );
+    assert_fatal(&app.apply(&third).await[0], "IDEMPOTENCY_CONFLICT", 0);
     let rows = rejection_rows(&app.db).await;
-    assert_eq!(rows.len(), 1);
+    assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].get::<_, String>(11), "IDEMPOTENCY_CONFLICT");
     // The ledger still answers the original content with its original outcome.
     assert_success(&app.apply(&first).await[0]);

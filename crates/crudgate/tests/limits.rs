@@ -408,3 +408,16 @@ async fn a_body_that_trickles_is_408_once_it_falls_behind_the_minimum_rate() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_body_starting_with_a_utf8_byte_order_mark_is_applied() {
+    let (_db, app) = app().await;
+    let list = new_id();
+    let json = batch(vec![vec![put("lists", list, json!({"name": "bom"}))]]).to_string();
+    let mut body = b"\xEF\xBB\xBF".to_vec();
+    body.extend_from_slice(json.as_bytes());
+    let (status, _, answer) = app.post_raw(body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_success(&results(&answer)[0]);
+    assert_eq!(count(&app.db, "lists").await, 1);
+}

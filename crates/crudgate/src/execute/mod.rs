@@ -578,8 +578,15 @@ impl Engine {
             return (answer, None, None);
         }
         let params = ledger::rejection_params(req.ctx, &req.txs[i], rejection);
+        // Without a ledger entry (a conflict with the ledger's), the resends are answered the
+        // same way again: the rejection is recorded once.
+        let sql = if ledger {
+            self.inner.tables.reject_sql()
+        } else {
+            self.inner.tables.reject_once_sql()
+        };
         let stmt = Stmt {
-            sql: self.inner.tables.reject_sql(),
+            sql,
             params: params.into_iter().map(Param::Text).collect(),
             ops: Vec::new(),
             expect: Expect::Any,
