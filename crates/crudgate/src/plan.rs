@@ -745,20 +745,79 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
         }
         sql.push(')');
     };
+    // `c = value, …` of an UPDATE: the operations' columns, then the database-set ones.
+    let set_list = |sql: &mut String| {
+        for (i, &c) in first.cols.iter().enumerate() {
+            let col = &t.columns[c];
+            let _ = write!(
+                sql,
+                "{}{} = {}::{}",
+                if i > 0 { ", " } else { "" },
+                col.ident,
+                value(i + 1),
+                col.type_sql
+            );
+        }
+        for (i, &c) in first.db_cols.iter().enumerate() {
+            let sep = if i + first.cols.len() > 0 { ", " } else { "" };
+            let _ = write!(sql, "{sep}{} = now()", t.columns[c].ident);
+        }
+    };
+    let key_match = format!("{}::{}", value(0), pk.type_sql);
+    // `insert … select <values> [from unnest(…)]` of a PUT.
+    let insert_sql = |sql: &mut String| {
+        let _ = write!(sql, "insert into {} as _cg_t ({}", t.ident, pk.ident);
+        for &c in first.cols.iter().chain(&first.db_cols) {
+            let _ = write!(sql, ", {}", t.columns[c].ident);
+        }
+        let _ = write!(sql, ") select {key_match}");
+        for (i, &c) in first.cols.iter().enumerate() {
+            let _ = write!(sql, ", {}::{}", value(i + 1), t.columns[c].type_sql);
+        }
+        for _ in &first.db_cols {
+            sql.push_str(", now()");
+        }
+        unnest(sql);
+    };
+    let absent = format!(
+        " where not exists (select 1 from {} as _cg_e where _cg_e.{} = {key_match})",
+        t.ident, pk.ident
+    );
     match first.kind {
+        OpKind::Put if !t.upserts => {
+            // No ON CONFLICT on this table (its key is deferrable, or it has INSERT or UPDATE
+            // rules): the rows that exist are updated, then the others inserted.
+            if !(first.cols.is_empty() && first.db_cols.is_empty()) {
+                let mut update = format!("update {} as _cg_t set ", t.ident);
+                set_list(&mut update);
+                unnest(&mut update);
+                let _ = write!(update, " where _cg_t.{} = {key_match}", pk.ident);
+                if let Some((col, _)) = owner_param {
+                    let at = first
+                        .cols
+                        .iter()
+                        .position(|&c| t.columns[c].ident == col.ident);
+                    let at = at.expect("the owner column is server-set on a PUT");
+                    let _ = write!(
+                        update,
+                        " and _cg_t.{} = {}::{}",
+                        col.ident,
+                        value(at + 1),
+                        col.type_sql
+                    );
+                }
+                out.push(Stmt {
+                    sql: update,
+                    params: params.clone(),
+                    ops: refs.clone(),
+                    expect: Expect::Any,
+                });
+            }
+            insert_sql(&mut sql);
+            sql.push_str(&absent);
+        }
         OpKind::Put => {
-            let _ = write!(sql, "insert into {} as _cg_t ({}", t.ident, pk.ident);
-            for &c in first.cols.iter().chain(&first.db_cols) {
-                let _ = write!(sql, ", {}", t.columns[c].ident);
-            }
-            let _ = write!(sql, ") select {}::{}", value(0), pk.type_sql);
-            for (i, &c) in first.cols.iter().enumerate() {
-                let _ = write!(sql, ", {}::{}", value(i + 1), t.columns[c].type_sql);
-            }
-            for _ in &first.db_cols {
-                sql.push_str(", now()");
-            }
-            unnest(&mut sql);
+            insert_sql(&mut sql);
             let _ = write!(sql, " on conflict ({}) do ", pk.ident);
             if first.cols.is_empty() && first.db_cols.is_empty() {
                 sql.push_str("nothing");
@@ -794,28 +853,9 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
         }
         OpKind::Patch => {
             let _ = write!(sql, "update {} as _cg_t set ", t.ident);
-            for (i, &c) in first.cols.iter().enumerate() {
-                let col = &t.columns[c];
-                let _ = write!(
-                    sql,
-                    "{}{} = {}::{}",
-                    if i > 0 { ", " } else { "" },
-                    col.ident,
-                    value(i + 1),
-                    col.type_sql
-                );
-            }
-            for &c in &first.db_cols {
-                let _ = write!(sql, ", {} = now()", t.columns[c].ident);
-            }
+            set_list(&mut sql);
             unnest(&mut sql);
-            let _ = write!(
-                sql,
-                " where _cg_t.{} = {}::{}",
-                pk.ident,
-                value(0),
-                pk.type_sql
-            );
+            let _ = write!(sql, " where _cg_t.{} = {key_match}", pk.ident);
             if let Some((col, p)) = owner_param {
                 let _ = write!(
                     sql,

@@ -66,6 +66,9 @@ pub struct Table {
     /// triggers or rules, no unique or exclusion constraint besides the key, no foreign key that
     /// points back at this table. The planner may regroup such operations.
     pub rows_commute: bool,
+    /// `INSERT … ON CONFLICT` works: not so with a deferrable key or INSERT or UPDATE rules,
+    /// where a PUT updates the rows that exist and inserts the others.
+    pub upserts: bool,
 }
 
 impl Table {
@@ -105,6 +108,7 @@ impl Table {
             columns,
             pk: 0,
             rows_commute: true,
+            upserts: true,
         }
     }
 }
@@ -228,6 +232,7 @@ impl Catalog {
                     TableRow {
                         pk: r.get("pk"),
                         rows_commute: r.get("rows_commute"),
+                        upserts: r.get("upserts"),
                     },
                     Vec::new(),
                 ));
@@ -294,6 +299,7 @@ impl Catalog {
                 by_name,
                 pk,
                 rows_commute: meta.rows_commute,
+                upserts: meta.upserts,
             };
             catalog.tables.insert(key, Arc::new(table));
         }
@@ -305,6 +311,7 @@ impl Catalog {
 struct TableRow {
     pk: Option<Vec<String>>,
     rows_commute: bool,
+    upserts: bool,
 }
 
 fn kind_of(oid: u32, is_enum: bool, name: &str, enums: &HashMap<u32, Arc<[String]>>) -> Kind {
@@ -394,7 +401,11 @@ select n.nspname::text as nspname,
                           and (k.contype = 'x' or (k.contype = 'f' and k.confrelid = c.oid)))
        and not exists (select 1 from pg_constraint k where k.confrelid = c.oid and k.contype = 'f'
                           and (k.confdeltype not in ('a', 'r') or k.confupdtype not in ('a', 'r')))
-       as rows_commute
+       as rows_commute,
+       not exists (select 1 from pg_constraint k
+                    where k.conrelid = c.oid and k.contype = 'p' and k.condeferrable)
+       and not exists (select 1 from pg_rewrite rw where rw.ev_class = c.oid and rw.ev_type in ('2', '3'))
+       as upserts
   from pg_class c
   join pg_namespace n on n.oid = c.relnamespace
   join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped

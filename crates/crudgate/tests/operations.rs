@@ -788,3 +788,50 @@ async fn rows_numbered_by_a_serial_or_stamped_by_clock_timestamp_are_inserted_in
     let by_time: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(by_time, by_seq);
 }
+
+#[tokio::test]
+async fn put_works_where_on_conflict_cannot_a_deferrable_key_or_an_update_rule() {
+    let (db, app) = app().await;
+    db.exec(
+        "create table deferred_key (id text primary key deferrable initially immediate,
+                                    v text, n int default 7);
+         create table audited (id text primary key, v text);
+         create table audit_log (v text);
+         create rule log_update as on update to audited do also insert into audit_log values (new.v);",
+    )
+    .await;
+    for table in ["deferred_key", "audited"] {
+        // New rows, alone and several in one statement; then existing ones, replaced.
+        let r = app
+            .apply(&batch(vec![
+                vec![put(table, "a", json!({"v": "a1"}))],
+                vec![
+                    put(table, "b", json!({"v": "b1"})),
+                    put(table, "c", json!({"v": "c1"})),
+                ],
+                vec![
+                    put(table, "a", json!({"v": "a2"})),
+                    put(table, "b", json!({"v": "b2"})),
+                    put(table, "d", json!({})),
+                ],
+                vec![patch(table, "c", json!({"v": "c2"})), delete(table, "d")],
+            ]))
+            .await;
+        assert!(r.iter().all(|r| r["status"] == "success"), "{table}: {r:?}");
+        let rows = app
+            .db
+            .query(&format!("select id, v from {table} order by id"), &[])
+            .await
+            .unwrap();
+        let rows: Vec<(String, Option<String>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let want = [("a", "a2"), ("b", "b2"), ("c", "c2")];
+        assert_eq!(
+            rows,
+            want.map(|(i, v)| (i.to_owned(), Some(v.to_owned()))),
+            "{table}"
+        );
+    }
+    // The rule saw each update: two PUTs of existing rows and one PATCH.
+    assert_eq!(count(&app.db, "audit_log").await, 3);
+}
