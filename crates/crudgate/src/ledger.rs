@@ -126,9 +126,11 @@ impl Tables {
                      claims jsonb,
                      replayed_at timestamptz,
                      replay_result jsonb);
-                 create index if not exists {idx} on {r} (user_id, created_at);",
+                 create index if not exists {idx} on {r} (user_id, created_at);
+                 create index if not exists {tx_idx} on {r} (client_id, transaction_id);",
                 rs = self.rejections_schema,
                 idx = quote_ident("crudgate_rejections_user_created"),
+                tx_idx = quote_ident("crudgate_rejections_client_transaction"),
             ))
             .await
     }
@@ -181,9 +183,8 @@ impl Tables {
                     $13::text::jsonb, $14::text::jsonb, $15::text::jsonb
               where not exists (
                     select 1 from {r}
-                     where user_id is not distinct from $1::text
-                       and client_id is not distinct from $2::text
-                       and transaction_id is not distinct from $3::text
+                     where client_id = $2::text and transaction_id = $3::text
+                       and user_id is not distinct from $1::text
                        and error_code = $11::text and transaction = $14::text::jsonb)",
             r = self.rejections
         )

@@ -592,8 +592,10 @@ pub(crate) fn bulk<'a>(
         let same_table = window
             .first()
             .is_some_and(|g| Arc::ptr_eq(&g[0].1.access, &op.access));
+        let other_tx = last_tx.is_some_and(|tx| tx != at.tx) && !op.table.rows_commute;
+        // Such a PUT may still join the last group (its rows are inserted in order), but no
+        // earlier one.
         let commutes = op.table.rows_commute && !draws_volatile_default(op);
-        let other_tx = last_tx.is_some_and(|tx| tx != at.tx) && !commutes;
         last_tx = Some(at.tx);
         if !same_table || other_tx || keys.contains(op.key.as_str()) || !canonical_key(&op.table) {
             flush(&mut window, &mut out);
@@ -792,12 +794,16 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
                 set_list(&mut update);
                 unnest(&mut update);
                 let _ = write!(update, " where _cg_t.{} = {key_match}", pk.ident);
-                if let Some((col, _)) = owner_param {
+                // The owner column is server-set, so among the PUT's columns (the guard
+                // refuses another's row anyway).
+                let owner_at = owner_param.and_then(|(col, _)| {
                     let at = first
                         .cols
                         .iter()
                         .position(|&c| t.columns[c].ident == col.ident);
-                    let at = at.expect("the owner column is server-set on a PUT");
+                    at.map(|at| (col, at))
+                });
+                if let Some((col, at)) = owner_at {
                     let _ = write!(
                         update,
                         " and _cg_t.{} = {}::{}",
@@ -1053,6 +1059,41 @@ mod tests {
             2,
             "one transaction's row must not satisfy another's reference"
         );
+    }
+
+    #[test]
+    fn puts_drawing_a_serial_keep_their_order_and_still_share_a_statement_across_transactions() {
+        // Column `c` numbers rows by default: PUTs that leave it out are not moved ahead of
+        // earlier ones, but neighbours, in one transaction or several, still share a statement.
+        let mut ops = interleaved();
+        ops.retain(|o| o.kind == OpKind::Put);
+        let mut table = (*ops[0].table).clone();
+        table.columns[3].volatile_default = true;
+        let table = Arc::new(table);
+        let put = |i: usize, cols: Vec<usize>| RowOp {
+            table: table.clone(),
+            key: format!("row-{i}"),
+            vals: cols.iter().map(|c| Some(format!("v{c}"))).collect(),
+            cols,
+            ..ops[0].clone()
+        };
+        let ops = [
+            put(0, vec![1]),
+            put(1, vec![1]),
+            put(2, vec![1, 2]),
+            put(3, vec![1]),
+            put(4, vec![1]),
+        ];
+        let refs = ops
+            .iter()
+            .enumerate()
+            .map(|(i, row)| (OpRef { tx: i, op: 0 }, row));
+        let stmts = bulk(refs, &EngineConfig::default());
+        let rows: Vec<Vec<usize>> = stmts
+            .iter()
+            .map(|s| s.ops.iter().map(|r| r.tx).collect())
+            .collect();
+        assert_eq!(rows, vec![vec![0, 1], vec![2], vec![3, 4]]);
     }
 
     #[test]

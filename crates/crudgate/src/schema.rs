@@ -362,7 +362,9 @@ select n.nspname::text as nspname,
        -- assignment to the column applies the domain, its length check included.
        case when dom.modified then
                 case bt.oid when 'bpchar'::regtype then 'bpchar'
+                            when '_bpchar'::regtype then 'bpchar[]'
                             when 'bit'::regtype then 'varbit'
+                            when '_bit'::regtype then 'varbit[]'
                             else format_type(bt.oid, null) end
             else case a.atttypid
                       when 'bpchar'::regtype then 'bpchar'

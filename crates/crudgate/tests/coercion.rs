@@ -621,7 +621,9 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
          create domain code3_alias as code3;
          create domain flags3 as bit(3);
          create domain pad3 as char(3);
-         create table codes (id code3 primary key, label code3_alias, flags flags3, pad pad3);",
+         create domain pads3 as char(3)[];
+         create table codes (id code3 primary key, label code3_alias, flags flags3, pad pad3,
+                             pads pads3);",
     )
     .await;
     let app = spawn_app(&db.url, EngineConfig::default()).await;
@@ -629,7 +631,7 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
         &app.apply_tx(vec![put(
             "codes",
             "abc",
-            json!({"label": "xy", "flags": "101", "pad": "ab"}),
+            json!({"label": "xy", "flags": "101", "pad": "ab", "pads": ["abc", "de"]}),
         )])
         .await,
     );
@@ -643,6 +645,7 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
         json!({"label": "long"}),
         json!({"flags": "10101"}),
         json!({"pad": "abcd"}),
+        json!({"pads": ["abc", "abcd"]}),
     ] {
         let r = app.apply_tx(vec![put("codes", "k", data.clone())]).await;
         assert_fatal(&r, "INVALID_DATA", 0);
@@ -664,11 +667,12 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
     let rows = app
         .db
         .query(
-            "select id::text || '|' || label::text || '|' || flags::text || '|' || pad::text from codes",
+            "select id::text || '|' || label::text || '|' || flags::text || '|' || pad::text
+                    || '|' || pads::text from codes",
             &[],
         )
         .await
         .unwrap();
     let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(rows, ["abc|xy|101|ab"]);
+    assert_eq!(rows, ["abc|xy|101|ab|{abc,\"de \"}"]);
 }

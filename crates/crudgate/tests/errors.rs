@@ -1053,3 +1053,27 @@ async fn a_key_column_retyped_after_crudgate_started_is_written_with_its_new_typ
         Some("patched")
     );
 }
+
+#[tokio::test]
+async fn a_deferred_trigger_calling_a_missing_function_rejects_its_transaction() {
+    // 42883 at COMMIT, with no operation named: rejected once the operation is found, never
+    // answered retryable for ever.
+    let db = TestDb::new().await;
+    db.exec(
+        "create function call_missing() returns trigger language plpgsql as $$
+         begin perform no_such_function(); return null; end $$;
+         create constraint trigger late_check after insert on lists
+             deferrable initially deferred for each row execute function call_missing();",
+    )
+    .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    let r = app
+        .apply(&batch(vec![
+            vec![put("lists", new_id(), json!({"name": "a"}))],
+            vec![put("lists", new_id(), json!({"name": "b"}))],
+        ]))
+        .await;
+    assert_fatal(&r[0], "SCHEMA_MISMATCH", 0);
+    assert_eq!(r[1]["status"], "not_attempted");
+    assert_eq!(count(&app.db, "lists").await, 0);
+}

@@ -16,7 +16,7 @@
 //! then applied on its own, as if it had never waited. Grouping changes when requests commit,
 //! never what they answer. So that no request holds up others:
 //! - whatever runs in the lane waits at most 20 ms for any lock and runs no statement for
-//!   more than 500 ms (`LANE_BEGIN`), then falls back: a slow trigger of one member holds the
+//!   more than 500 ms (`lane_begin`), then falls back: a slow trigger of one member holds the
 //!   others up that long at most, not for the statement timeout;
 //! - a request waits at most `QUEUE_WAIT` for a group, then goes alone;
 //! - the members of a group have distinct clients, so a client's requests keep their order.
@@ -43,6 +43,7 @@ use super::{
     identity_sql, ledger_rows, pipelined_locks, run, Engine, Failure, Head, LedgerRows, Mode, Req,
     Tally,
 };
+use crate::config::EngineConfig;
 use crate::metrics::Metrics;
 use crate::plan::{self, Expect, OpRef, Param, RowOp, Stmt};
 use crate::protocol::TxResult;
@@ -60,10 +61,18 @@ const MAX_OPS: usize = 32;
 const QUEUE_WAIT: Duration = Duration::from_millis(100);
 /// The longest a lane waits for a group to gather (see `Lanes::gather`).
 const GATHER: Duration = Duration::from_millis(1);
+/// How long a statement may run in a lane (or the configured statement timeout, if lower).
+const LANE_STATEMENT_MS: u64 = 500;
+
 /// Starts a transaction in a lane: a lock held elsewhere or a slow statement makes it fail
 /// fast, not stall the lane.
-pub(super) const LANE_BEGIN: &str =
-    "begin; set local lock_timeout = '20ms'; set local statement_timeout = '500ms'";
+pub(super) fn lane_begin(cfg: &EngineConfig) -> String {
+    let ms = match cfg.statement_timeout_ms {
+        0 => LANE_STATEMENT_MS,
+        configured => configured.min(LANE_STATEMENT_MS),
+    };
+    format!("begin; set local lock_timeout = '20ms'; set local statement_timeout = '{ms}ms'")
+}
 
 /// The lane(s) and the requests waiting for one. Shared by the engine's clones.
 #[derive(Default)]
@@ -338,7 +347,15 @@ impl Engine {
             Ok(client) => client,
             Err(f) => return (Verdict::Undone, Some(f)),
         };
-        match run(&client, &Head::lane(), false, stmts, Mode::Fast).await {
+        match run(
+            &client,
+            &Head::lane(&self.inner.cfg),
+            false,
+            stmts,
+            Mode::Fast,
+        )
+        .await
+        {
             Ok(()) => {
                 if size > 1 {
                     Metrics::add(&m.group_commits_total, 1);

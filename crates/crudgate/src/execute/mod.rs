@@ -1253,8 +1253,9 @@ enum Mode {
 /// The statements every transaction starts with, prepared.
 struct Head {
     immediate: bool,
-    /// In a group commit's lane (see `group`): locks are waited for briefly.
-    lane: bool,
+    /// In a group commit's lane (see `group`): its BEGIN, which makes locks and statements
+    /// wait briefly.
+    lane: Option<String>,
     /// Hands the caller's identity to row-level security, with its parameters.
     identity: Option<(tokio_postgres::Statement, Vec<String>)>,
     lock: Option<tokio_postgres::Statement>,
@@ -1372,7 +1373,7 @@ impl Head {
         };
         Ok(Head {
             immediate: mode == Mode::Checked,
-            lane: false,
+            lane: None,
             identity: match identity_sql(rls, ctx) {
                 Some((sql, params)) => Some((prep(sql).await?, params)),
                 None => None,
@@ -1389,10 +1390,10 @@ impl Head {
     }
 
     /// A lane's transaction: the statements carry each member's identity and lock.
-    fn lane() -> Head {
+    fn lane(cfg: &EngineConfig) -> Head {
         Head {
             immediate: false,
-            lane: true,
+            lane: Some(group::lane_begin(cfg)),
             identity: None,
             lock: None,
             lookup: None,
@@ -1417,11 +1418,7 @@ impl Head {
         &'a self,
         client: &'a Client,
     ) -> Vec<BoxFuture<'a, Result<u64, tokio_postgres::Error>>> {
-        let begin = if self.lane {
-            group::LANE_BEGIN
-        } else {
-            "begin"
-        };
+        let begin = self.lane.as_deref().unwrap_or("begin");
         let mut out = vec![client.batch_execute(begin).map(|r| r.map(|_| 0)).boxed()];
         if self.immediate {
             out.push(
@@ -1609,10 +1606,12 @@ impl Failure {
         self.op.is_none()
             && !self.bookkeeping
             && self.error.is_some()
-            && matches!(self.disposition(), Disposition::Reject(_))
+            // A schema error at COMMIT (a deferred trigger calling a function that does not
+            // exist) is found the same way, then rejected as SCHEMA_MISMATCH.
+            && matches!(self.disposition(), Disposition::Reject(_) | Disposition::Schema)
     }
 
-    /// A lane's lock or statement timeout ended the attempt (see `group::LANE_BEGIN`): it
+    /// A lane's lock or statement timeout ended the attempt (see `group::lane_begin`): it
     /// says nothing about the request, which is then applied alone as if for the first time.
     fn cut_short_by_lane(&self) -> bool {
         self.db_error()
