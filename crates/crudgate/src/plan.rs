@@ -138,6 +138,15 @@ fn resolve(
         ));
     }
     let table = access.table.clone();
+    if op.op == OpKind::Put && table.insert_rules {
+        return Err(Rejection::new(
+            "SCHEMA_MISMATCH",
+            format!(
+                "table {name} has INSERT rules, where a PUT (insert or replace) cannot be applied"
+            ),
+            json!({ "table": op.table }),
+        ));
+    }
     let owner = match access.owner {
         None => None,
         Some(c) => {
@@ -161,8 +170,10 @@ fn resolve(
     };
     let pk = table.pk_column();
     let key = match key_text(&pk.kind, &op.id.0, cfg) {
-        Some(k) => k,
-        None => return Err(invalid(&op.table, &access, table.pk)),
+        // A PUT of a key longer than a sized key column: Postgres would cut its trailing
+        // spaces and land it on another row. (A PATCH or DELETE of it finds no row.)
+        Some(k) if op.op != OpKind::Put || pk.max_chars.is_none_or(|n| k.chars().count() <= n) => k,
+        _ => return Err(invalid(&op.table, &access, table.pk)),
     };
     let mut cols = Vec::new();
     let mut vals = Vec::new();

@@ -50,6 +50,9 @@ pub struct Column {
     /// A PUT that leaves this column out takes a value that depends on when its row is
     /// inserted (a sequence, `clock_timestamp()`, any volatile default).
     pub volatile_default: bool,
+    /// The length of a `varchar(n)` or `char(n)` (or a domain over one): Postgres cuts
+    /// trailing spaces beyond it without an error, so a longer key would name another row.
+    pub max_chars: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +72,10 @@ pub struct Table {
     /// `INSERT … ON CONFLICT` works: not so with a deferrable key or INSERT or UPDATE rules,
     /// where a PUT updates the rows that exist and inserts the others.
     pub upserts: bool,
+    /// The table has INSERT rules. A PUT is refused there: its insert must not depend on the
+    /// table's rows (a rule's copy of the insert would see the new row), and `ON CONFLICT`
+    /// is not allowed.
+    pub insert_rules: bool,
 }
 
 impl Table {
@@ -94,6 +101,7 @@ impl Table {
                 writable: true,
                 deterministic: true,
                 volatile_default: false,
+                max_chars: None,
             })
             .collect();
         Table {
@@ -109,6 +117,7 @@ impl Table {
             pk: 0,
             rows_commute: true,
             upserts: true,
+            insert_rules: false,
         }
     }
 }
@@ -233,6 +242,7 @@ impl Catalog {
                         pk: r.get("pk"),
                         rows_commute: r.get("rows_commute"),
                         upserts: r.get("upserts"),
+                        insert_rules: r.get("insert_rules"),
                     },
                     Vec::new(),
                 ));
@@ -263,6 +273,9 @@ impl Catalog {
                 writable: r.get("writable"),
                 deterministic: r.get("deterministic"),
                 volatile_default: r.get("volatile_default"),
+                max_chars: r
+                    .get::<_, Option<i32>>("max_chars")
+                    .and_then(|n| usize::try_from(n).ok()),
             });
         }
 
@@ -300,6 +313,7 @@ impl Catalog {
                 pk,
                 rows_commute: meta.rows_commute,
                 upserts: meta.upserts,
+                insert_rules: meta.insert_rules,
             };
             catalog.tables.insert(key, Arc::new(table));
         }
@@ -312,6 +326,7 @@ struct TableRow {
     pk: Option<Vec<String>>,
     rows_commute: bool,
     upserts: bool,
+    insert_rules: bool,
 }
 
 fn kind_of(oid: u32, is_enum: bool, name: &str, enums: &HashMap<u32, Arc<[String]>>) -> Kind {
@@ -346,10 +361,11 @@ pub fn quote_ident(name: &str) -> String {
 /// needs to know about each table. Domains are resolved to their base type for value checks;
 /// values are still cast to the domain so its constraints apply.
 const CATALOG_SQL: &str = r#"
-with recursive dom(oid, base, modified) as (
-    select t.oid, t.oid, false from pg_type t where t.typtype <> 'd'
+with recursive dom(oid, base, modified, chain, typmod) as (
+    select t.oid, t.oid, false, array[]::oid[], -1 from pg_type t where t.typtype <> 'd'
     union all
-    select d.oid, b.base, b.modified or d.typtypmod >= 0
+    select d.oid, b.base, b.modified or d.typtypmod >= 0, b.chain || d.oid,
+           greatest(b.typmod, d.typtypmod)
       from pg_type d join dom b on d.typbasetype = b.oid where d.typtype = 'd'
 )
 select n.nspname::text as nspname,
@@ -374,6 +390,9 @@ select n.nspname::text as nspname,
                       else format_type(a.atttypid, null) end
        end as type_sql,
        format_type(a.atttypid, null) as type_name,
+       case when bt.oid in ('varchar'::regtype, 'bpchar'::regtype)
+                 and greatest(a.atttypmod, dom.typmod) >= 4
+            then greatest(a.atttypmod, dom.typmod) - 4 end as max_chars,
        format_type(a.atttypid, a.atttypmod) as type_full,
        bt.oid as base_oid,
        bt.typname::text as base_name,
@@ -385,13 +404,20 @@ select n.nspname::text as nspname,
        coalesce((select co.collisdeterministic from pg_collation co where co.oid = a.attcollation),
                 true) as deterministic,
        -- Identity columns, and defaults calling a volatile function (`nextval` of a serial
-       -- included), found in the default's stored expression tree.
-       a.attidentity <> '' or exists (
-           select 1 from pg_attrdef ad
-            cross join lateral regexp_matches(ad.adbin::text, ':funcid (\d+)', 'g') as f
-             join pg_proc p on p.oid = f[1]::oid
-            where ad.adrelid = c.oid and ad.adnum = a.attnum and a.attgenerated = ''
-              and p.provolatile = 'v') as volatile_default,
+       -- included) directly or through an operator, found in the stored expression tree of
+       -- the column's default or, without one, of its domains'.
+       a.attgenerated = '' and (a.attidentity <> '' or exists (
+           select 1
+             from (select ad.adbin::text as tree from pg_attrdef ad
+                    where ad.adrelid = c.oid and ad.adnum = a.attnum
+                   union all
+                   select d.typdefaultbin::text from pg_type d
+                    where d.oid = any(dom.chain) and d.typdefaultbin is not null) as defaults
+            cross join lateral regexp_matches(defaults.tree, ':(funcid|opno) (\d+)', 'g') as f
+             left join pg_operator o on f[1] = 'opno' and o.oid = f[2]::oid
+             join pg_proc p on p.oid = case f[1] when 'opno' then o.oprcode::oid
+                                                 else f[2]::oid end
+            where p.provolatile = 'v')) as volatile_default,
        (select array_agg(ka.attname::text)
           from pg_constraint k
           join pg_attribute ka on ka.attrelid = k.conrelid and ka.attnum = any(k.conkey)
@@ -407,7 +433,9 @@ select n.nspname::text as nspname,
        not exists (select 1 from pg_constraint k
                     where k.conrelid = c.oid and k.contype = 'p' and k.condeferrable)
        and not exists (select 1 from pg_rewrite rw where rw.ev_class = c.oid and rw.ev_type in ('2', '3'))
-       as upserts
+       as upserts,
+       exists (select 1 from pg_rewrite rw where rw.ev_class = c.oid and rw.ev_type = '3')
+       as insert_rules
   from pg_class c
   join pg_namespace n on n.oid = c.relnamespace
   join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped

@@ -635,11 +635,14 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
         )])
         .await,
     );
-    // Cut to three letters, this id would name the row above and overwrite it.
-    let r = app
-        .apply_tx(vec![put("codes", "abcXYZ", json!({"label": "new"}))])
-        .await;
-    assert_fatal(&r, "INVALID_DATA", 0);
+    // Cut to three letters, these ids would name the row above and overwrite it (Postgres
+    // cuts trailing spaces beyond the length without an error).
+    for id in ["abcXYZ", "abc  "] {
+        let r = app
+            .apply_tx(vec![put("codes", id, json!({"label": "new"}))])
+            .await;
+        assert_fatal(&r, "INVALID_DATA", 0);
+    }
     // Each column alone, on the one-row and the multi-row path.
     for data in [
         json!({"label": "long"}),
@@ -675,4 +678,32 @@ async fn a_value_too_long_for_a_domain_over_a_sized_type_is_rejected_not_cut() {
         .unwrap();
     let rows: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(rows, ["abc|xy|101|ab|{abc,\"de \"}"]);
+}
+
+#[tokio::test]
+async fn a_put_of_a_key_longer_than_its_varchar_column_is_rejected_not_moved_onto_another_row() {
+    let db = TestDb::new().await;
+    db.exec("create table short_keys (id varchar(3) primary key, v text); insert into short_keys values ('abc', 'mine')")
+        .await;
+    let app = spawn_app(&db.url, EngineConfig::default()).await;
+    // Postgres stores 'abc  ' as 'abc' (trailing spaces beyond the length are cut silently).
+    let r = app
+        .apply_tx(vec![put("short_keys", "abc  ", json!({"v": "theirs"}))])
+        .await;
+    assert_fatal(&r, "INVALID_DATA", 0);
+    // A PATCH or DELETE of such a key finds no row.
+    assert_success(
+        &app.apply_tx(vec![
+            patch("short_keys", "abc  ", json!({"v": "theirs"})),
+            delete("short_keys", "abc  "),
+        ])
+        .await,
+    );
+    let v: String = app
+        .db
+        .query_one("select v from short_keys where id = 'abc'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "mine");
 }

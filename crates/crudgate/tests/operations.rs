@@ -751,42 +751,50 @@ async fn rows_numbered_by_a_serial_or_stamped_by_clock_timestamp_are_inserted_in
     let (db, app) = app().await;
     db.exec(
         "create table messages (id text primary key, seq bigserial, body text, topic text,
-                                at timestamptz not null default clock_timestamp())",
+                                at timestamptz not null default clock_timestamp());
+         create sequence note_numbers;
+         create domain numbered as bigint default nextval('note_numbers');
+         create table notes (id text primary key, body text, topic text, seq numbered);",
     )
     .await;
-    // Interleaved column sets, within a transaction and across three transactions: a planner
-    // that regrouped these PUTs by column set would number `c` before `b`.
-    let m = |id: &str, topic: bool| {
-        let data = if topic {
-            json!({"body": id, "topic": "t"})
-        } else {
-            json!({"body": id})
+    // `messages` numbers and stamps its rows itself; `notes` through its column's domain.
+    for (table, orders) in [
+        ("messages", &["seq", "at, seq"][..]),
+        ("notes", &["seq"][..]),
+    ] {
+        // Interleaved column sets, within a transaction and across three transactions: a
+        // planner that regrouped these PUTs by column set would number `c` before `b`.
+        let m = |id: &str, topic: bool| {
+            let data = if topic {
+                json!({"body": id, "topic": "t"})
+            } else {
+                json!({"body": id})
+            };
+            put(table, id, data)
         };
-        put("messages", id, data)
-    };
-    let r = app
-        .apply(&batch(vec![
-            vec![m("a", false), m("b", true), m("c", false), m("d", true)],
-            vec![m("e", true)],
-            vec![m("f", false)],
-            vec![m("g", true)],
-        ]))
-        .await;
-    assert!(r.iter().all(|r| r["status"] == "success"), "{r:?}");
-    let rows = app
-        .db
-        .query("select id from messages order by seq", &[])
-        .await
-        .unwrap();
-    let by_seq: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(by_seq, ["a", "b", "c", "d", "e", "f", "g"]);
-    let rows = app
-        .db
-        .query("select id from messages order by at, seq", &[])
-        .await
-        .unwrap();
-    let by_time: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(by_time, by_seq);
+        let r = app
+            .apply(&batch(vec![
+                vec![m("a", false), m("b", true), m("c", false), m("d", true)],
+                vec![m("e", true)],
+                vec![m("f", false)],
+                vec![m("g", true)],
+            ]))
+            .await;
+        assert!(r.iter().all(|r| r["status"] == "success"), "{r:?}");
+        for order in orders {
+            let rows = app
+                .db
+                .query(&format!("select id from {table} order by {order}"), &[])
+                .await
+                .unwrap();
+            let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            assert_eq!(
+                ids,
+                ["a", "b", "c", "d", "e", "f", "g"],
+                "{table} by {order}"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -834,4 +842,25 @@ async fn put_works_where_on_conflict_cannot_a_deferrable_key_or_an_update_rule()
     }
     // The rule saw each update: two PUTs of existing rows and one PATCH.
     assert_eq!(count(&app.db, "audit_log").await, 3);
+
+    // With an INSERT rule, a PUT is refused: the rule's copy of an insert that depends on the
+    // table's rows would see the new row (and skip its action), and ON CONFLICT is refused.
+    db.exec(
+        "create table logged (id text primary key, v text);
+         insert into logged values ('x', 'x0');
+         create rule log_insert as on insert to logged do also insert into audit_log values (new.v);",
+    )
+    .await;
+    let r = app
+        .apply_tx(vec![put("logged", "y", json!({"v": "y1"}))])
+        .await;
+    assert_fatal(&r, "SCHEMA_MISMATCH", 0);
+    assert_success(
+        &app.apply_tx(vec![
+            patch("logged", "x", json!({"v": "x1"})),
+            delete("logged", "z"),
+        ])
+        .await,
+    );
+    assert_eq!(count(&app.db, "logged").await, 1);
 }
