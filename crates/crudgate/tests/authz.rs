@@ -158,6 +158,14 @@ async fn list(db: &Db, id: &str) -> Option<(String, Option<String>)> {
         .map(|r| (r.get(0), r.get(1)))
 }
 
+/// List 1 is still as alice wrote it, and still hers.
+async fn assert_alice_s_list_untouched(db: &Db) {
+    assert_eq!(
+        list(db, LIST_1).await,
+        Some(("alice's".into(), Some(A.into())))
+    );
+}
+
 async fn alice_owns_list_1(engine: &Engine) {
     let r = apply(
         engine,
@@ -187,10 +195,7 @@ async fn user_b_cannot_patch_user_a_s_row() {
     .await;
     let msg = assert_fatal(&r, "UNAUTHORIZED", 1);
     assert!(msg.contains("another user"), "{msg}");
-    assert_eq!(
-        list(&db, LIST_1).await,
-        Some(("alice's".into(), Some(A.into())))
-    );
+    assert_alice_s_list_untouched(&db).await;
     assert_eq!(list(&db, LIST_2).await, None, "the transaction is atomic");
 }
 
@@ -209,10 +214,7 @@ async fn user_b_cannot_delete_user_a_s_row() {
     )
     .await;
     assert_fatal(&r, "UNAUTHORIZED", 1);
-    assert_eq!(
-        list(&db, LIST_1).await,
-        Some(("alice's".into(), Some(A.into())))
-    );
+    assert_alice_s_list_untouched(&db).await;
 }
 
 #[tokio::test]
@@ -241,10 +243,7 @@ async fn an_owned_alias_of_a_table_is_enforced_next_to_an_open_alias_in_one_tran
     )
     .await;
     assert_fatal(&r, "UNAUTHORIZED", 1);
-    assert_eq!(
-        list(&db, LIST_1).await,
-        Some(("alice's".into(), Some(A.into())))
-    );
+    assert_alice_s_list_untouched(&db).await;
 }
 
 #[tokio::test]
@@ -263,10 +262,7 @@ async fn user_b_cannot_put_over_user_a_s_row() {
     )
     .await;
     assert_fatal(&r, "UNAUTHORIZED", 2);
-    assert_eq!(
-        list(&db, LIST_1).await,
-        Some(("alice's".into(), Some(A.into())))
-    );
+    assert_alice_s_list_untouched(&db).await;
 }
 
 #[tokio::test]
@@ -1231,10 +1227,7 @@ async fn a_patch_of_only_the_owner_column_of_another_user_s_row_is_unauthorized(
         )
         .await;
         assert_eq!(r, TxResult::Success, "{patch_missing:?}");
-        assert_eq!(
-            list(&db, LIST_1).await,
-            Some(("alice's".into(), Some(A.into())))
-        );
+        assert_alice_s_list_untouched(&db).await;
     }
 }
 
