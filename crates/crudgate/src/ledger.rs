@@ -170,33 +170,30 @@ impl Tables {
         )
     }
 
-    /// `reject_sql` unless the same rejection of the same transaction content is recorded
-    /// already: an IDEMPOTENCY_CONFLICT is answered again on every resend, and a replay of
-    /// each copy would apply its content as many times.
-    pub fn reject_once_sql(&self) -> String {
-        format!(
-            "insert into {r} (user_id, client_id, transaction_id, operation_index, table_name, row_id,
-                              op, data, previous_values, metadata, error_code, message, details, transaction,
-                              claims)
-             select $1::text, $2::text, $3::text, $4::text::int, $5::text, $6::text, $7::text,
-                    $8::text::jsonb, $9::text::jsonb, $10::text, $11::text, $12::text,
-                    $13::text::jsonb, $14::text::jsonb, $15::text::jsonb
-              where not exists (
-                    select 1 from {r}
-                     where client_id = $2::text and transaction_id = $3::text
-                       and user_id is not distinct from $1::text
-                       and error_code = $11::text and transaction = $14::text::jsonb)",
-            r = self.rejections
-        )
-    }
-
+    /// One rejection: its fifteen values as text parameters.
     pub fn reject_sql(&self) -> String {
         format!(
             "insert into {} (user_id, client_id, transaction_id, operation_index, table_name, row_id,
                               op, data, previous_values, metadata, error_code, message, details, transaction,
                               claims)
-             values ($1, $2, $3, $4::text::int, $5, $6, $7, $8::text::jsonb, $9::text::jsonb, $10,
-                     $11, $12, $13::text::jsonb, $14::text::jsonb, $15::text::jsonb)",
+             select $1::text, $2::text, $3::text, $4::text::int, $5::text, $6::text, $7::text,
+                    $8::text::jsonb, $9::text::jsonb, $10::text, $11::text, $12::text,
+                    $13::text::jsonb, $14::text::jsonb, $15::text::jsonb",
+            self.rejections
+        )
+    }
+
+    /// `reject_sql` unless the same rejection of the same transaction content is recorded
+    /// already: an IDEMPOTENCY_CONFLICT is answered again on every resend, and a replay of
+    /// each copy would apply its content as many times.
+    pub fn reject_once_sql(&self) -> String {
+        format!(
+            "{} where not exists (
+                    select 1 from {}
+                     where client_id = $2::text and transaction_id = $3::text
+                       and user_id is not distinct from $1::text
+                       and error_code = $11::text and transaction = $14::text::jsonb)",
+            self.reject_sql(),
             self.rejections
         )
     }

@@ -792,10 +792,6 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
         }
         unnest(sql);
     };
-    let absent = format!(
-        " where not exists (select 1 from {} as _cg_e where _cg_e.{} = {key_match})",
-        t.ident, pk.ident
-    );
     match first.kind {
         OpKind::Put if !t.upserts => {
             // No ON CONFLICT on this table (its key is deferrable, or it has INSERT or UPDATE
@@ -831,7 +827,11 @@ fn statement<'a>(group: &[(OpRef, &'a RowOp)], cfg: &EngineConfig, typed: bool) 
                 });
             }
             insert_sql(&mut sql);
-            sql.push_str(&absent);
+            let _ = write!(
+                sql,
+                " where not exists (select 1 from {} as _cg_e where _cg_e.{} = {key_match})",
+                t.ident, pk.ident
+            );
         }
         OpKind::Put => {
             insert_sql(&mut sql);

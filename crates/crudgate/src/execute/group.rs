@@ -437,16 +437,15 @@ impl Engine {
             }
             let ops = ops.into_iter();
             stmts.extend(self.as_role(plan::bulk(ops, &self.inner.cfg)));
-            let mut ledger: Option<LedgerRows> = None;
+            let mut ledgers = Vec::new();
             for tail in tails.by_ref().take(run.len()) {
                 stmts.extend(tail.writes);
-                if let Some(rows) = tail.ledger {
-                    match &mut ledger {
-                        Some(all) => all.append(rows),
-                        None => ledger = Some(rows),
-                    }
-                }
+                ledgers.extend(tail.ledger);
             }
+            let ledger = ledgers.into_iter().reduce(|mut all, rows| {
+                all.append(rows);
+                all
+            });
             stmts.extend(ledger.map(|rows| rows.into_stmt(&self.inner.tables)));
         }
         stmts
